@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["unimm", "unimm.*"]),
-    package_data={"unimm.eval": ["prompts/*.jsonl"]},
+    package_data={"unimm.eval": ["prompts/*.jsonl"], "unimm.tokenizers": ["assets/*.model"]},
     install_requires=[
         "jax>=0.9",
         "flax>=0.12",
@@ -24,6 +24,7 @@ setup(
         "numpy>=1.26",
         "scipy>=1.11",
         "pillow>=10.0",
+        "tensorboardX>=2.6",
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
 )

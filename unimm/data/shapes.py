@@ -1,7 +1,8 @@
 """The embedded dataset: procedurally rendered captioned scenes, as a grain source.
 
 Example i of split s is a pure function of (seed, s, i), so the source is
-random-access, unbounded (its length is sys.maxsize) and needs no files:
+random-access, unbounded in practice (2^48 examples, the most grain's index
+arithmetic takes) and needs no files:
 
     source = ShapesSource(resolution=32)
     ds = grain.MapDataset.source(source).shuffle(seed=0)
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -51,7 +51,7 @@ class ShapesSource:
         (spec.is_heldout); set False to train on everything.
       backgrounds: background names to draw from (vocab.BACKGROUNDS).
       color_prob: how often optional colours are named in counting/position captions.
-      size: length reported to grain; unbounded by default.
+      size: length reported to grain; 2^48 by default (never exhausted).
     """
 
     resolution: int = 32
@@ -63,7 +63,7 @@ class ShapesSource:
     backgrounds: Sequence[str] = ("white",)
     color_prob: float = 0.5
     supersample: int = 4
-    size: int = sys.maxsize
+    size: int = 2**48
 
     def __post_init__(self):
         if self.split not in SPLITS:

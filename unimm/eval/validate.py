@@ -134,13 +134,13 @@ def negatives(resolution: int, n_per_kind: int, seed: int = 0):
             cat, spec, _ = prompts[j % len(prompts)]
             if kind == "other":
                 other_cat = spec_lib.CATEGORIES[rng.integers(len(spec_lib.CATEGORIES))]
-                image = render(_wrong_scene(spec, rng, lambda: spec_lib.sample_spec(other_cat, rng)), resolution)
+                image = render(_wrong_scene(spec, rng, lambda c=other_cat: spec_lib.sample_spec(c, rng)), resolution)
             elif kind == "noise":
                 image = rng.integers(0, 256, (resolution, resolution, 3)).astype(np.uint8)
             elif kind == "blank":
                 image = render(Scene((), ALL_BACKGROUNDS[j % len(ALL_BACKGROUNDS)]), resolution)
             else:
-                image = render(_wrong_scene(spec, rng, lambda: perturb(spec, rng)), resolution)
+                image = render(_wrong_scene(spec, rng, lambda s=spec: perturb(s, rng)), resolution)
                 if kind == "blurred":
                     image = blur(image, 1.0)
                 elif kind == "noisy":
@@ -175,7 +175,7 @@ def main(argv=None):
     for res in (int(r) for r in args.resolutions.split(",")):
         pos = positives(res, args.n)
         print(f"\n{res} px, {args.n} images per category, all backgrounds")
-        print(f"| corruption    |" + "".join(f"{s:>8}" for s in short) + "  | mean  |")
+        print("| corruption    |" + "".join(f"{s:>8}" for s in short) + "  | mean  |")
         print(_row("clean", accuracy(pos)))
         for s in BLUR_LEVELS:
             print(_row(f"blur {s:g} px", accuracy(pos, "blur", s)))

@@ -1,0 +1,71 @@
+"""Every config loads; the paper-sized Transfusion has the paper's parameter count
+and its train step lowers for a mesh of 8 fake devices."""
+
+import importlib.util
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from unimm import objectives
+from unimm.train.trainer import Trainer
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+
+def load(name, arg=None):
+    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+@pytest.mark.parametrize("path", sorted(p.stem for p in CONFIGS.glob("*.py")))
+def test_every_config_builds_its_objective(path):
+    config = load(path)
+    assert config.objective in objectives.names()
+    assert f"--config=configs/{path}.py" in (CONFIGS / f"{path}.py").read_text()  # the exact command
+    objectives.build(config, shapes_only=True)
+
+
+def _param_counts(config):
+    """(all parameters, transformer only: decoder + embedding + LM head)."""
+    obj = objectives.build(config, shapes_only=True)
+    model = nnx.eval_shape(lambda: obj.make_model(nnx.Rngs(0)))
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    return count(state), count({k: v for k, v in state.items() if k in ("decoder", "embed", "lm_head")})
+
+
+def test_7b_has_seven_billion_parameters():
+    total, transformer = _param_counts(load("transfusion_7b"))
+    assert abs(total - 7e9) / 7e9 <= 0.05, total  # with U-Net blocks and the KL-VAE
+    assert abs(transformer - 6.74e9) / 6.74e9 <= 0.01, transformer  # Llama-2-7B's count
+
+
+@pytest.mark.parametrize("size, billions", [("160m", 0.16), ("370m", 0.37), ("760m", 0.76), ("1.4b", 1.4)])
+def test_smaller_paper_sizes_are_selectable(size, billions):
+    _, transformer = _param_counts(load("transfusion", f"size={size}"))
+    assert abs(transformer / 1e9 - billions) / billions <= 0.05, (size, transformer)
+
+
+def test_unknown_size_is_named():
+    with pytest.raises(ValueError, match="unknown Transfusion size"):
+        load("transfusion", "size=3b")
+
+
+def test_7b_train_step_lowers_on_8_devices(devices, tmp_path):
+    config = load("transfusion_7b")
+    config.data.batch_size = 8
+    tr = Trainer(config, tmp_path, devices=devices, shapes_only=True)
+    assert dict(tr.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    state = tr.abstract_state()
+    batch = {k: jax.ShapeDtypeStruct((8,) + s.shape, s.dtype, sharding=tr.batch_shardings[k])
+             for k, s in tr.objective.example_spec().items()}
+    lowered = tr.make_step(state).lower(state.params, state.opt_state, batch, jax.random.key(0))
+    text = lowered.as_text()
+    assert "fsdp" in text or "sharding" in text
+    kernel = state.param_shardings["decoder"]["blocks"]["mlp"]["wi"]["kernel"]
+    assert kernel.spec[1] == "fsdp"  # the embed dim of every kernel is split over the 8 devices

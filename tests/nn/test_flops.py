@@ -1,0 +1,25 @@
+import numpy as np
+
+from unimm.nn.attention import attention_mask
+from unimm.nn.flops import attention_pairs
+
+
+def test_attention_pairs_counts_exactly_what_the_mask_allows():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        b, t = 3, 24
+        seg = np.zeros((b, t), np.int32)
+        span = np.zeros((b, t), np.int32)
+        pos = np.zeros((b, t), np.int32)
+        for r in range(b):
+            cur, doc = 0, 1
+            while cur < t - 4 and rng.random() < 0.8:
+                n = int(rng.integers(4, 12))
+                n = min(n, t - cur)
+                seg[r, cur:cur + n] = doc
+                pos[r, cur:cur + n] = np.arange(n)
+                s = int(rng.integers(0, n - 2))
+                span[r, cur + s:cur + s + int(rng.integers(1, n - s))] = doc
+                cur, doc = cur + n, doc + 1
+        mask = np.asarray(attention_mask(seg, span, pos, seg, span, pos))
+        assert attention_pairs(seg, span) == int(mask.sum())

@@ -1,0 +1,207 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from unimm import objectives
+from unimm.data.shapes import ShapesSource
+from unimm.nn.attention import Meta
+from unimm.nn.flops import attention_pairs
+from unimm.objectives import transfusion as tf
+
+
+@pytest.fixture(scope="module")
+def objective(tiny_config):
+    return objectives.build(tiny_config)
+
+
+def randomize_zero_inits(model, seed=1):
+    """Output layers start at zero (predictions are 0 at init); give them random
+    weights so equivalence tests compare real, input-dependent predictions."""
+    key = jax.random.key(seed)
+    for i, (_, v) in enumerate(nnx.iter_graph(model)):
+        if isinstance(v, nnx.Param) and v[...].ndim >= 2 and not np.any(np.asarray(v[...])):
+            v[...] = 0.1 * jax.random.normal(jax.random.fold_in(key, i), v[...].shape)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(objective):
+    return randomize_zero_inits(objective.make_model(nnx.Rngs(0)))
+
+
+@pytest.fixture(scope="module")
+def examples(objective):
+    return [ShapesSource(resolution=objective.resolution)[i] for i in range(4)]
+
+
+def test_registry(tiny_config):
+    assert objectives.get("transfusion") is tf.Transfusion
+    with pytest.raises(ValueError, match="unknown objective 'nope'; registered"):
+        objectives.get("nope")
+
+
+def test_caption_first_layout(objective, examples):
+    ex = examples[0]
+    out = objective.encode([ex], np.random.default_rng(1), caption_first=True)
+    text = objective.tok.encode(ex["caption"])
+    P, n = objective.s.num_patches, len(text)
+    tok = out["tokens"]
+    assert tok[0] == objective.tok.bos_id and list(tok[1:1 + n]) == text
+    assert tok[1 + n] == objective.boi and tok[2 + n + P] == objective.eoi and tok[3 + n + P] == objective.tok.eos_id
+    assert out["image_start"][0] == 2 + n
+    assert (out["span"] == 1).sum() == P and out["span"][2 + n:2 + n + P].all()
+    assert (out["segment"][:4 + n + P] == 1).all() and (out["segment"][4 + n + P:] == 0).all()
+    assert list(out["position"][:4 + n + P]) == list(range(4 + n + P))
+    # Targets: the caption, BOI and EOS; never BOS, patches or EOI.
+    expected = np.zeros_like(out["lm_weight"])
+    expected[1:2 + n] = 1
+    expected[3 + n + P] = 1
+    np.testing.assert_array_equal(out["lm_weight"], expected)
+    np.testing.assert_array_equal(out["images"][0], ex["image"])
+    assert not out["noise_cap"][0]
+
+
+def test_image_first_layout_and_noise_cap(objective, examples):
+    ex = examples[1]
+    out = objective.encode([ex], np.random.default_rng(1), caption_first=False)
+    P, n = objective.s.num_patches, len(objective.tok.encode(ex["caption"]))
+    assert out["tokens"][1] == objective.boi and out["image_start"][0] == 2
+    assert out["tokens"][2 + P] == objective.eoi
+    assert list(out["tokens"][3 + P:3 + P + n]) == objective.tok.encode(ex["caption"])
+    assert out["lm_weight"][1] == 1 and out["lm_weight"][2 + P] == 0 and out["lm_weight"][3 + P:4 + P + n].all()
+    caps = [objective.encode([ex], np.random.default_rng(s), caption_first=False)["noise_cap"][0]
+            for s in range(200)]
+    assert abs(np.mean(caps) - objective.s.noise_cap_prob) < 0.1
+
+
+def test_several_pairs_per_sequence(tiny_config, examples):
+    cfg = tiny_config.copy_and_resolve_references()
+    cfg.transfusion.pairs_per_sequence = 2
+    obj = objectives.build(cfg)
+    out = obj.encode(examples[:2], np.random.default_rng(0), caption_first=True)
+    assert set(np.unique(out["segment"])) == {0, 1, 2}
+    assert set(np.unique(out["span"])) == {0, 1, 2}
+    assert out["images"].shape[0] == 2 and out["image_valid"].all()
+    second = out["segment"] == 2
+    assert out["position"][second][0] == 0  # each pair is its own document
+    assert obj.streams()[0].group == 2
+
+
+def test_condition_dropout_removes_the_caption(tiny_config, examples):
+    cfg = tiny_config.copy_and_resolve_references()
+    cfg.transfusion.cond_dropout = 1.0
+    obj = objectives.build(cfg)
+    out = obj.encode([examples[0]], np.random.default_rng(0), caption_first=True)
+    assert list(out["tokens"][:2]) == [obj.tok.bos_id, obj.boi]
+
+
+def test_over_long_text_is_a_clear_error(objective):
+    with pytest.raises(ValueError, match="longer than transfusion.max_text_len"):
+        objective.text_ids("a red circle and " * 10)
+
+
+def test_loss_and_flops(objective, model, examples):
+    batch = {k: np.stack([objective.encode([e], np.random.default_rng(i))[k] for i, e in enumerate(examples)])
+             for k in objective.example_spec()}
+    loss, metrics = jax.jit(lambda b, r: objective.loss(model, b, r))(batch, jax.random.key(0))
+    assert np.isfinite(float(loss)) and set(metrics) == {"lm_loss", "lm_accuracy", "diffusion_loss"}
+    expected = float(metrics["lm_loss"]) + objective.s.diffusion_weight * float(metrics["diffusion_loss"])
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert objective.tokens_per_batch(batch) == int((batch["segment"] != 0).sum())
+    pairs = attention_pairs(batch["segment"], batch["span"])
+    tokens = objective.tokens_per_batch(batch)
+    assert pairs > tokens * (tokens / len(examples)) / 2 / len(examples)  # at least the causal pairs
+    assert objective.flops_per_batch(batch) > 6 * tokens * objective.dcfg.num_params() * 0.9
+
+
+def _full_sequence_eps(objective, model, prompt, x_t, t):
+    """Noise prediction from one uncached pass over [BOS prompt BOI image EOI]."""
+    ids = [objective.tok.bos_id] + objective.tok.encode(prompt) + [objective.boi]
+    P = objective.s.num_patches
+    seq = np.array([ids + [0] * P + [objective.eoi]], np.int32)
+    n = seq.shape[1]
+    span = np.zeros((1, n), np.int32)
+    span[0, len(ids):len(ids) + P] = 1
+    meta = Meta(np.ones((1, n), np.int32), span, np.arange(n, dtype=np.int32)[None])
+    _, eps, _ = model(seq, meta, x_t[None, None], jnp.array([[t]]), np.array([[len(ids)]]), np.array([[True]]))
+    return eps[0, 0], len(ids)
+
+
+def test_prefix_cached_denoising_equals_uncached(objective, model):
+    x_t = jax.random.normal(jax.random.key(0), objective.s.image_shape)
+    full, n = _full_sequence_eps(objective, model, "a red circle", x_t, 700)
+    assert float(jnp.abs(full).mean()) > 1e-2  # a real, non-trivial prediction
+    ids = np.array([[objective.tok.bos_id] + objective.tok.encode("a red circle") + [objective.boi]], np.int32)
+    cache = model.decoder.init_cache(1, n)
+    _, cache = model.text(ids, Meta(np.ones_like(ids), np.zeros_like(ids), np.arange(n)[None]), cache)
+    meta = tf._image_meta(jnp.array([n]), objective.s.num_patches, jnp.array([True]))
+    for _ in range(2):  # the prefix is computed once and reused by every step
+        cached = model.denoise(x_t[None], jnp.array([700]), meta, cache)[0]
+        np.testing.assert_allclose(cached, full, atol=2e-5)
+
+
+def test_cfg_scale_one_equals_the_conditional_prediction(objective, model):
+    bos, boi = objective.tok.bos_id, objective.boi
+    prefix, lengths = objective._pad([[bos] + objective.tok.encode("a blue square") + [boi], [bos, boi]])
+    cache = model.decoder.init_cache(2, prefix.shape[1])
+    _, cache = model.decoder(model.embed(prefix), tf._prefix_meta(jnp.asarray(lengths), prefix.shape[1]), cache,
+                             True)
+    x = jax.random.normal(jax.random.key(1), (1,) + objective.s.image_shape)
+    meta = tf._image_meta(jnp.asarray(lengths), objective.s.num_patches, jnp.ones((2,), bool))
+    guided = tf.guided_eps(model, x, 500, meta, cache, 1.0)
+    cond_meta = tf._image_meta(jnp.asarray(lengths[:1]), objective.s.num_patches, jnp.ones((1,), bool))
+    cond_cache = jax.tree.map(lambda a: a[:, :1] if a.ndim == 5 else a[:1], cache)
+    cond = model.denoise(x, jnp.array([500]), cond_meta, cond_cache)
+    np.testing.assert_allclose(guided, cond, atol=1e-5)
+    strong = tf.guided_eps(model, x, 500, meta, cache, 3.0)
+    assert not np.allclose(strong, cond, atol=1e-4)  # guidance does act at other scales
+
+
+def test_generate_images_is_seeded_and_valid(objective, model):
+    rng = jax.random.key(3)
+    a = objective.generate_images(model, ["a red circle", "two squares"], rng)
+    b = objective.generate_images(model, ["a red circle", "two squares"], rng)
+    assert a.shape == (2,) + objective.s.image_shape and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+
+
+def test_cached_captioning_equals_uncached_greedy_decoding(objective, model, examples):
+    image = examples[0]["image"]
+    caption = objective.caption_images(model, image[None], jax.random.key(0))[0]
+    # Uncached reference: re-run the whole sequence for every new token.
+    P = objective.s.num_patches
+    seq = [objective.tok.bos_id, objective.boi] + [0] * P + [objective.eoi]
+    x0 = objective.to_model_space(jnp.asarray(image))[None, None]
+    out = []
+    for _ in range(objective.s.max_new_tokens):
+        n = len(seq)
+        span = np.zeros((1, n), np.int32)
+        span[0, 2:2 + P] = 1
+        meta = Meta(np.ones((1, n), np.int32), span, np.arange(n, dtype=np.int32)[None])
+        logits, _, _ = model(np.array([seq], np.int32), meta, x0, jnp.zeros((1, 1), jnp.int32),
+                             np.array([[2]]), np.array([[True]]))
+        nxt = int(jnp.argmax(logits[0, -1]))
+        out.append(nxt)
+        if nxt == objective.tok.eos_id:
+            break
+        seq.append(nxt)
+    assert caption == objective.tok.decode(out)
+
+
+def test_interleaved_generation(objective):
+    """A model that always predicts BOI after text: decoding stops at BOI, an image
+    is drawn there, EOI is appended, and text continues."""
+    model = objective.make_model(nnx.Rngs(1))
+    # Zero every residual branch so the hidden state is the token's own embedding,
+    # make all embeddings equal, and point the LM head at BOI.
+    model.decoder.blocks.attn.o.kernel[...] = jnp.zeros_like(model.decoder.blocks.attn.o.kernel[...])
+    model.decoder.blocks.mlp.wo.kernel[...] = jnp.zeros_like(model.decoder.blocks.mlp.wo.kernel[...])
+    model.embed.embedding[...] = jnp.ones_like(model.embed.embedding[...])
+    head = np.zeros(model.lm_head.kernel.shape, np.float32)
+    head[:, objective.boi] = 1.0
+    model.lm_head.kernel[...] = jnp.asarray(head)
+    (before, image, after), = objective.generate(model, ["a red circle"], jax.random.key(0), max_text=4)
+    assert before == "" and after == ""  # only BOI tokens were produced around the image
+    assert image is not None and image.shape == objective.s.image_shape and image.dtype == np.uint8

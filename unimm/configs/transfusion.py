@@ -1,0 +1,84 @@
+"""Transfusion configs: the paper's sizes and a tiny CPU variant."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from unimm.configs import kl_vae
+from unimm.configs.common import base_config
+
+
+def with_workdir(autoencoder_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A nested autoencoder run config; workdir '' means <this run's workdir>/autoencoder."""
+    autoencoder_config.workdir = ""
+    return autoencoder_config
+
+# Transfusion Table 1 (layers, width, heads); Llama-2-style SwiGLU widths.
+SIZES = {
+    "160m": dict(num_layers=16, d_model=768, num_heads=12, mlp_dim=2048),
+    "370m": dict(num_layers=24, d_model=1024, num_heads=16, mlp_dim=2816),
+    "760m": dict(num_layers=24, d_model=1536, num_heads=24, mlp_dim=4096),
+    "1.4b": dict(num_layers=24, d_model=2048, num_heads=16, mlp_dim=5632),
+    "7b": dict(num_layers=32, d_model=4096, num_heads=32, mlp_dim=11008),
+}
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """The CPU demo: pixel patches of 32 px scenes, a small decoder, minutes to train."""
+    c = recipe_sections(base_config())
+    c.model.update(num_layers=4, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768)
+    c.image.update(resolution=32, patch_size=8, io="unet", unet_channels=(16, 32, 64, 128))
+    c.transfusion.update(max_text_len=16)
+    c.sampling.update(sample_steps=25, cfg_scale=3.0)
+    c.data.batch_size = 64
+    c.optim.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0)
+    c.train.update(steps=1500, log_every=50, checkpoint_every=500)
+    c.eval.update(images_per_category=16, num_understanding=64)
+    return c
+
+
+def recipe_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c.objective = "transfusion"
+    c.model = ml_collections.ConfigDict(dict(
+        num_layers=2, d_model=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=192, qk_norm=False,
+        rope_theta=10000.0, norm_eps=1e-6, dtype="float32", param_dtype="float32", attention="xla",
+        remat="none"))
+    c.image = ml_collections.ConfigDict(dict(
+        resolution=32, channels=3, patch_size=4, io="linear", unet_channels=(32, 64, 128), unet_blocks=1,
+        unet_skips=False, latent="pixels", latent_scale=0.0))
+    c.transfusion = ml_collections.ConfigDict(dict(
+        diffusion_weight=5.0, prediction="eps", loss_weighting="none", min_snr_gamma=5.0, num_timesteps=1000, schedule="cosine",
+        caption_first_ratio=0.8, noise_cap=500,
+        noise_cap_prob=0.8, cond_dropout=0.1, max_text_len=24, pairs_per_sequence=1, z_loss=0.0))
+    c.sampling = ml_collections.ConfigDict(dict(
+        sampler="ddim", sample_steps=50, cfg_scale=3.0, ddim_eta=0.0, clip_x0=True, max_new_tokens=24,
+        temperature=0.0))
+    return c
+
+
+def paper_config(size: str) -> ml_collections.ConfigDict:
+    """A paper-sized model: Llama-2 tokenizer (32k), 256 px images as 32x32x8
+    KL-VAE latents, patch 2 (256 patches), U-Net down/up blocks, lambda 5.
+
+    Training needs --config.tokenizer.path (a Llama-2 SentencePiece model) and
+    the KL-VAE: --config.image.autoencoder.workdir=<a kl_vae run with this
+    architecture>; if that run has no checkpoint it is trained first."""
+    size = size.lower()
+    if size not in SIZES:
+        raise ValueError(f"unknown Transfusion size {size!r}; choose from {sorted(SIZES)}")
+    c = recipe_sections(base_config())
+    s = SIZES[size]
+    c.model.update(s, num_kv_heads=s["num_heads"], head_dim=s["d_model"] // s["num_heads"], dtype="bfloat16",
+                   remat="full")
+    c.tokenizer.update(kind="sentencepiece", path="llama2_tokenizer.model", vocab_size=32000)
+    # 256 px pixels -> frozen KL-VAE (configs: unimm/configs/kl_vae.py sd_config) -> 32x32x8 latents.
+    c.image.update(resolution=256, channels=3, latent="kl_vae", latent_scale=0.0, patch_size=2, io="unet",
+                   unet_channels=(s["d_model"] // 4, s["d_model"] // 2))
+    c.image.autoencoder = with_workdir(kl_vae.sd_config())
+    c.transfusion.update(max_text_len=128, pairs_per_sequence=1)
+    c.sampling.update(sampler="ddpm", sample_steps=250, cfg_scale=5.0, clip_x0=False)
+    c.data.batch_size = 256
+    c.optim.update(learning_rate=3e-4, warmup_steps=4000, weight_decay=0.1, b2=0.95)
+    c.train.update(steps=250_000, log_every=100, checkpoint_every=2000)
+    c.mesh.shape.update(data=1, fsdp=-1, tensor=1)
+    return c

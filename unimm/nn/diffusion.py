@@ -1,0 +1,124 @@
+"""Gaussian diffusion math: cosine schedule, forward noising, DDPM/DDIM steps, CFG.
+
+Timesteps are integers 0..T-1 (0 = least noise); `alphas_cumprod[t]` is the
+signal fraction at t. Samplers walk a descending subsequence of timesteps; the
+last step lands on clean data (alpha = 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def cosine_alphas_cumprod(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal's cosine schedule, with betas capped at `max_beta`."""
+    f = lambda t: math.cos((t / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = np.array([min(1 - f(i + 1) / f(i), max_beta) for i in range(num_timesteps)], np.float64)
+    return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+def linear_alphas_cumprod(num_timesteps: int = 1000, start: float = 1e-4, end: float = 0.02) -> np.ndarray:
+    betas = np.linspace(start, end, num_timesteps, dtype=np.float64)
+    return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+SCHEDULES = {"cosine": cosine_alphas_cumprod, "linear": linear_alphas_cumprod}
+
+
+def alphas_cumprod(schedule: str, num_timesteps: int) -> np.ndarray:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {schedule!r}; choose from {sorted(SCHEDULES)}")
+    return SCHEDULES[schedule](num_timesteps)
+
+
+def _bcast(a: jax.Array, x: jax.Array) -> jax.Array:
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def q_sample(x0: jax.Array, t: jax.Array, noise: jax.Array, acp: jax.Array) -> jax.Array:
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps; t broadcasts over x0's leading dims."""
+    a = _bcast(acp[t], x0)
+    return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+
+
+def sampling_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
+    """`steps` descending timesteps from T-1 to 0, evenly spaced."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"sampling steps must be in 1..{num_timesteps}, got {steps}")
+    return np.unique(np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int32))[::-1].copy()
+
+
+def step(x_t: jax.Array, eps: jax.Array, a_t: jax.Array, a_prev: jax.Array, eta: float,
+         noise: jax.Array, clip: float | None = None) -> jax.Array:
+    """One reverse step from signal level a_t to a_prev (a_prev = 1 is clean data).
+
+    eta = 0 is DDIM (deterministic); eta = 1 is DDPM's ancestral step with the
+    posterior variance of the respaced schedule. `clip` bounds the predicted x0
+    (pixels in [-1, 1]); the noise estimate is then made consistent with it.
+    """
+    a_t, a_prev = _bcast(a_t, x_t), _bcast(a_prev, x_t)
+    x0 = (x_t - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t)
+    if clip is not None:
+        x0 = jnp.clip(x0, -clip, clip)
+        eps = (x_t - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
+    var = eta**2 * (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+    direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - var, 0.0)) * eps
+    return jnp.sqrt(a_prev) * x0 + direction + jnp.sqrt(var) * noise
+
+
+def eta_for(sampler: str, ddim_eta: float = 0.0) -> float:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+    return 1.0 if sampler == "ddpm" else ddim_eta
+
+
+def guide(cond: jax.Array, uncond: jax.Array, scale: float) -> jax.Array:
+    """Classifier-free guidance: uncond + scale * (cond - uncond); scale 1 is cond."""
+    return uncond + scale * (cond - uncond)
+
+
+PREDICTIONS = ("eps", "v")
+WEIGHTINGS = ("none", "min_snr")
+
+
+def v_target(x0: jax.Array, eps: jax.Array, acp_t: jax.Array) -> jax.Array:
+    """v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho, 2022)."""
+    a = _bcast(acp_t, x0)
+    return jnp.sqrt(a) * eps - jnp.sqrt(1.0 - a) * x0
+
+
+def eps_from_v(v: jax.Array, x_t: jax.Array, acp_t: jax.Array) -> jax.Array:
+    a = _bcast(acp_t, x_t)
+    return jnp.sqrt(a) * v + jnp.sqrt(1.0 - a) * x_t
+
+
+def loss_weight(weighting: str, prediction: str, acp_t: jax.Array, gamma: float = 5.0) -> jax.Array:
+    """Per-example weight of the prediction's MSE at signal level acp_t.
+
+    An x0 error costs SNR in eps-MSE and SNR + 1 in v-MSE: eps-prediction all
+    but ignores the noisiest steps, where only the conditioning says what to
+    draw; v-prediction does not. 'none': weight 1. 'min_snr': Hang et al.
+    (2023), min(SNR, gamma) / SNR for eps and min(SNR, gamma) / (SNR + 1) for v,
+    so the nearly clean steps stop dominating the gradient.
+    """
+    if weighting == "none":
+        return jnp.ones_like(acp_t)
+    if weighting == "min_snr":
+        snr = acp_t / (1.0 - acp_t)
+        return jnp.minimum(snr, gamma) / (snr if prediction == "eps" else snr + 1.0)
+    raise ValueError(f"unknown diffusion loss weighting {weighting!r}; choose from {WEIGHTINGS}")
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding (..., dim) of (possibly fractional) timesteps."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles = jnp.asarray(t, jnp.float32)[..., None] * freqs
+    emb = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+    return jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, dim % 2)])

@@ -1,0 +1,211 @@
+"""Image in/out layers for a transformer over image patches (pixels or latents).
+
+Two interchangeable pairs, both conditioned on a diffusion timestep:
+
+- `LinearPatchIO`: linear patchify -> tokens, tokens -> linear unpatchify
+  (Transfusion's simple variant).
+- `UNetPatchIO`: U-Net down blocks (conv ResBlocks, strided downsampling by the
+  patch size) -> tokens, and up blocks with skip connections from the down path
+  -> output (Transfusion's U-Net variant).
+
+Both expose `encode(x, t) -> (tokens (N, P, E), context)` and
+`decode(h, t, context) -> (N, H, W, C)`; `context` carries the skips.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from unimm.nn import axes as ax
+from unimm.nn.diffusion import timestep_embedding
+from unimm.nn.layers import Linear, RMSNorm
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+    """(N, H, W, C) -> (N, H/p * W/p, p*p*C), row-major patches."""
+    n, h, w, c = x.shape
+    if h % p or w % p:
+        raise ValueError(f"image {h}x{w} is not divisible by patch size {p}")
+    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: jax.Array, p: int, h: int, w: int, c: int) -> jax.Array:
+    n = x.shape[0]
+    x = x.reshape(n, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h, w, c)
+
+
+class TimestepMLP(nnx.Module):
+    """Sinusoidal timestep features -> MLP -> (N, dim)."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, freq_dim: int = 128, dtype=jnp.float32):
+        self.freq_dim = freq_dim
+        self.fc1 = Linear(freq_dim, dim, (None, "embed"), rngs=rngs, dtype=dtype, use_bias=True)
+        self.fc2 = Linear(dim, dim, ("embed", None), rngs=rngs, dtype=dtype, use_bias=True)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.silu(self.fc1(timestep_embedding(t, self.freq_dim))))
+
+
+class Conv(nnx.Module):
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32, zero_init: bool = False):
+        init = (jax.nn.initializers.zeros if zero_init
+                else jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"))
+        self.kernel = ax.param(init, rngs.params(), (kernel, kernel, cin, cout), (None, None, "conv_in", "conv"))
+        self.bias = ax.param(jax.nn.initializers.zeros, rngs.params(), (cout,), ("conv",))
+        self.stride, self.dtype = stride, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride, self.stride), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + self.bias[...].astype(self.dtype)
+
+
+class GroupNorm(nnx.Module):
+    def __init__(self, channels: int, groups: int = 8, eps: float = 1e-5):
+        self.groups = math.gcd(groups, channels)
+        self.scale = ax.param(jax.nn.initializers.ones, jax.random.key(0), (channels,), ("conv",))
+        self.bias = ax.param(jax.nn.initializers.zeros, jax.random.key(0), (channels,), ("conv",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, c = x.shape
+        xf = x.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
+        mean = xf.mean(axis=(1, 2, 4), keepdims=True)
+        var = xf.var(axis=(1, 2, 4), keepdims=True)
+        y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class ResBlock(nnx.Module):
+    """GroupNorm-SiLU-Conv twice, with a conditioning embedding (e.g. the
+    timestep) added in between when `tdim` is given."""
+
+    def __init__(self, cin: int, cout: int, tdim: Optional[int] = None, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.norm1, self.norm2 = GroupNorm(cin), GroupNorm(cout)
+        self.conv1 = Conv(cin, cout, rngs=rngs, dtype=dtype)
+        self.conv2 = Conv(cout, cout, rngs=rngs, dtype=dtype, zero_init=True)
+        self.temb = Linear(tdim, cout, ("embed", "conv"), rngs=rngs, dtype=dtype, use_bias=True) if tdim else None
+        self.skip = Conv(cin, cout, 1, rngs=rngs, dtype=dtype) if cin != cout else None
+
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.temb is not None:
+            h = h + self.temb(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        return h + (x if self.skip is None else self.skip(x))
+
+
+class LinearPatchIO(nnx.Module):
+    def __init__(self, image_shape: Sequence[int], patch: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        h, w, c = image_shape
+        self.image_shape, self.patch = (h, w, c), patch
+        self.num_patches, self.patch_dim = (h // patch) * (w // patch), patch * patch * c
+        self.inp = Linear(self.patch_dim, dim, ("patch", "embed"), rngs=rngs, dtype=dtype, use_bias=True)
+        self.pos = ax.param(jax.nn.initializers.normal(0.02), rngs.params(), (self.num_patches, dim),
+                            (None, "embed"))
+        self.temb = TimestepMLP(dim, rngs=rngs, dtype=dtype)
+        self.out_norm = RMSNorm(dim)
+        self.out = Linear(dim, self.patch_dim, ("embed", "patch"), rngs=rngs, dtype=dtype, use_bias=True,
+                          zero_init=True)
+
+    def encode(self, x: jax.Array, t: jax.Array):
+        tokens = self.inp(patchify(x, self.patch)) + self.pos[...].astype(self.inp.dtype)
+        return tokens + self.temb(t)[:, None, :], None
+
+    def decode(self, h: jax.Array, t: jax.Array, context) -> jax.Array:
+        del t, context
+        return unpatchify(self.out(self.out_norm(h)).astype(jnp.float32), self.patch, *self.image_shape)
+
+
+class UNetPatchIO(nnx.Module):
+    """Conv down path to one token per patch, and a conv up path back to pixels.
+
+    `channels[i]` is the width at resolution H / 2^i; there are log2(patch)
+    downsamplings, so len(channels) = log2(patch) + 1. With `skips`, the up path
+    also sees the down path's features at each resolution (a classic U-Net);
+    without them (the default) everything passes through the transformer, which
+    then has to carry the conditioning: with skips a small model learns to
+    denoise locally and ignore the text.
+    """
+
+    def __init__(self, image_shape: Sequence[int], patch: int, dim: int, channels: Sequence[int], *,
+                 rngs: nnx.Rngs, blocks: int = 1, skips: bool = False, dtype=jnp.float32):
+        h, w, c = image_shape
+        levels = int(round(math.log2(patch)))
+        if 2**levels != patch:
+            raise ValueError(f"U-Net patch size must be a power of 2, got {patch}")
+        if len(channels) != levels + 1:
+            raise ValueError(f"U-Net with patch {patch} needs {levels + 1} channel widths, got {list(channels)}")
+        self.image_shape, self.patch = (h, w, c), patch
+        self.num_patches = (h // patch) * (w // patch)
+        kw = dict(rngs=rngs, dtype=dtype)
+        self.temb = TimestepMLP(dim, **kw)
+        self.conv_in = Conv(c, channels[0], **kw)
+        self.down = nnx.List([nnx.List([ResBlock(channels[i], channels[i], dim, **kw) for _ in range(blocks)])
+                              for i in range(levels + 1)])
+        self.downsample = nnx.List([Conv(channels[i], channels[i + 1], 3, 2, **kw) for i in range(levels)])
+        self.to_model = Linear(channels[-1], dim, ("conv", "embed"), use_bias=True, **kw)
+        self.pos = ax.param(jax.nn.initializers.normal(0.02), rngs.params(), (self.num_patches, dim),
+                            (None, "embed"))
+        self.out_norm = RMSNorm(dim)
+        self.from_model = Linear(dim, channels[-1], ("embed", "conv"), use_bias=True, **kw)
+        self.skips = skips
+        width = 2 if skips else 1
+        self.up = nnx.List([nnx.List([ResBlock(width * channels[i], channels[i], dim, **kw)] +
+                                     [ResBlock(channels[i], channels[i], dim, **kw) for _ in range(blocks - 1)])
+                            for i in range(levels + 1)])
+        self.upsample = nnx.List([Conv(channels[i + 1], channels[i], **kw) for i in range(levels)])
+        self.norm_out = GroupNorm(channels[0])
+        self.conv_out = Conv(channels[0], c, zero_init=True, **kw)
+
+    def encode(self, x: jax.Array, t: jax.Array):
+        temb = self.temb(t)
+        h = self.conv_in(x)
+        skips = []
+        for i, blocks in enumerate(self.down):
+            for block in blocks:
+                h = block(h, temb)
+            skips.append(h)
+            if i < len(self.downsample):
+                h = self.downsample[i](h)
+        n, gh, gw, ch = h.shape
+        tokens = self.to_model(h.reshape(n, gh * gw, ch)) + self.pos[...].astype(h.dtype)
+        return tokens + temb[:, None, :], (temb, skips if self.skips else None)
+
+    def decode(self, h: jax.Array, t: jax.Array, context) -> jax.Array:
+        del t
+        temb, skips = context
+        hh, ww, _ = self.image_shape
+        g = self.patch
+        x = self.from_model(self.out_norm(h))
+        x = x.reshape(x.shape[0], hh // g, ww // g, x.shape[-1])
+        for i in reversed(range(len(self.up))):
+            blocks = self.up[i]
+            if self.skips:
+                x = jnp.concatenate([x, skips[i].astype(x.dtype)], axis=-1)
+            x = blocks[0](x, temb)
+            for block in blocks[1:]:
+                x = block(x, temb)
+            if i > 0:
+                n, a, b, ch = x.shape
+                x = self.upsample[i - 1](jax.image.resize(x, (n, 2 * a, 2 * b, ch), "nearest"))
+        return self.conv_out(jax.nn.silu(self.norm_out(x))).astype(jnp.float32)
+
+
+def make_image_io(kind: str, image_shape, patch: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                  channels: Optional[Sequence[int]] = None, blocks: int = 1, skips: bool = False):
+    if kind == "linear":
+        return LinearPatchIO(image_shape, patch, dim, rngs=rngs, dtype=dtype)
+    if kind == "unet":
+        return UNetPatchIO(image_shape, patch, dim, channels or [64] * (int(math.log2(patch)) + 1),
+                           rngs=rngs, blocks=blocks, skips=skips, dtype=dtype)
+    raise ValueError(f"unknown image in/out layers {kind!r}; choose 'linear' or 'unet'")
