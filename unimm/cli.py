@@ -7,6 +7,7 @@ import runpy
 import sys
 
 from absl import flags
+from absl import logging
 
 
 def _section_keys(argv, dotted: str):
@@ -45,9 +46,15 @@ def unknown_key_message(argv, error: Exception) -> str:
 
 
 def parse_flags(argv):
-    """absl flags parser for app.run: config-override mistakes exit 2 with a clear message."""
+    """absl flags parser for app.run: config-override mistakes exit 2 with a clear message.
+
+    Library INFO logs (XLA backends, orbax internals) are hidden unless
+    --verbosity is given, so the progress lines stay readable."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+        return rest
     except flags.Error as e:
         print(f"error: {e}\nPass --helpfull to see the flags.", file=sys.stderr)
     except (AttributeError, KeyError) as e:  # ml_collections: an override names a key the config lacks

@@ -51,6 +51,14 @@ def test_smaller_paper_sizes_are_selectable(size, billions):
     assert abs(transformer / 1e9 - billions) / billions <= 0.05, (size, transformer)
 
 
+def test_benchmark_shape_has_25m_non_embedding_parameters():
+    obj = objectives.build(load("transfusion_bench25m"), shapes_only=True)
+    model = nnx.eval_shape(lambda: obj.make_model(nnx.Rngs(0)))
+    decoder = nnx.to_pure_dict(nnx.state(model.decoder, nnx.Param))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(decoder))
+    assert abs(n - 25e6) / 25e6 <= 0.05, n
+
+
 def test_unknown_size_is_named():
     with pytest.raises(ValueError, match="unknown Transfusion size"):
         load("transfusion", "size=3b")

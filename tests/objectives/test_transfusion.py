@@ -6,6 +6,7 @@ from flax import nnx
 
 from unimm import objectives
 from unimm.data.shapes import ShapesSource
+from unimm.nn import diffusion as diff
 from unimm.nn.attention import Meta
 from unimm.nn.flops import attention_pairs
 from unimm.objectives import transfusion as tf
@@ -125,8 +126,11 @@ def _full_sequence_eps(objective, model, prompt, x_t, t):
     span = np.zeros((1, n), np.int32)
     span[0, len(ids):len(ids) + P] = 1
     meta = Meta(np.ones((1, n), np.int32), span, np.arange(n, dtype=np.int32)[None])
-    _, eps, _ = model(seq, meta, x_t[None, None], jnp.array([[t]]), np.array([[len(ids)]]), np.array([[True]]))
-    return eps[0, 0], len(ids)
+    _, out, _ = model(seq, meta, x_t[None, None], jnp.array([[t]]), np.array([[len(ids)]]), np.array([[True]]))
+    out = out[0, 0]  # eps or v, per transfusion.prediction; denoise() always returns eps
+    if objective.s.prediction == "v":
+        out = diff.eps_from_v(out, x_t, jnp.asarray(objective.acp)[t])
+    return out, len(ids)
 
 
 def test_prefix_cached_denoising_equals_uncached(objective, model):
