@@ -83,3 +83,39 @@ def test_min_snr_weights():
     np.testing.assert_array_equal(diff.loss_weight("none", "eps", a), 1.0)
     with pytest.raises(ValueError, match="weighting"):
         diff.loss_weight("p2", "eps", a)
+
+
+@pytest.mark.parametrize("prediction", diff.PREDICTIONS)
+def test_every_prediction_gives_back_the_noise(prediction):
+    acp = jnp.asarray(diff.cosine_alphas_cumprod(1000))
+    x0 = jax.random.normal(jax.random.key(0), (5, 4, 4, 3))
+    eps = jax.random.normal(jax.random.key(1), x0.shape)
+    t = jnp.array([0, 250, 500, 900, 998])
+    xt = diff.q_sample(x0, t, eps, acp)
+    target = diff.prediction_target(prediction, x0, eps, acp[t])
+    np.testing.assert_allclose(diff.eps_from_prediction(prediction, target, xt, acp[t]), eps, atol=2e-3)
+    with pytest.raises(ValueError, match="prediction"):
+        diff.prediction_target("score", x0, eps, acp[t])
+
+
+def test_min_snr_makes_every_prediction_weigh_x0_errors_alike():
+    # eps-MSE = SNR * x0-MSE and v-MSE = (SNR + 1) * x0-MSE: after min-SNR
+    # weighting all three cost min(SNR, gamma) per unit of x0 error.
+    a = jnp.array([0.999, 0.5, 0.01])
+    snr = a / (1 - a)
+    per_x0 = {"eps": snr, "v": snr + 1, "x0": jnp.ones_like(snr)}
+    for p in diff.PREDICTIONS:
+        np.testing.assert_allclose(diff.loss_weight("min_snr", p, a) * per_x0[p], jnp.minimum(snr, 5), rtol=1e-5)
+
+
+def test_timestep_sampling():
+    key = jax.random.key(0)
+    u = diff.sample_timesteps(key, (20000,), 1000, "uniform")
+    assert u.dtype == jnp.int32 and int(u.min()) >= 0 and int(u.max()) <= 999
+    assert abs(float(u.mean()) - 499.5) < 10
+    ln = diff.sample_timesteps(key, (20000,), 1000, "logit_normal", mean=1.0, std=1.0)
+    assert int(ln.min()) >= 0 and int(ln.max()) <= 999
+    # t/T = sigmoid(N(1, 1)): the median sits at sigmoid(1) = 0.731.
+    assert abs(float(jnp.median(ln)) - 731) < 10
+    with pytest.raises(ValueError, match="timestep sampling"):
+        diff.sample_timesteps(key, (4,), 1000, "beta")

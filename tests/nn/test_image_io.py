@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from unimm.nn.image_io import make_image_io, patchify, unpatchify
+from unimm.nn.image_io import make_image_io, patchify, sincos_2d, unpatchify
 
 
 def test_patchify_round_trip_and_order():
@@ -36,3 +36,80 @@ def test_bad_unet_settings():
         make_image_io("unet", (16, 16, 3), 4, 8, rngs=nnx.Rngs(0), channels=(4, 4))
     with pytest.raises(ValueError, match="unknown image in/out"):
         make_image_io("vit", (16, 16, 3), 4, 8, rngs=nnx.Rngs(0))
+
+
+def test_sincos_positions_tell_rows_and_columns_apart():
+    emb = np.asarray(sincos_2d(4, 6, 32))
+    assert emb.shape == (24, 32)
+    assert len({tuple(np.round(r, 5)) for r in emb}) == 24  # every patch distinct
+    # The first half of the channels depends on the row only, the second on the column only.
+    grid = emb.reshape(4, 6, 32)
+    np.testing.assert_allclose(grid[:, 0, :16], grid[:, 5, :16])
+    np.testing.assert_allclose(grid[0, :, 16:], grid[3, :, 16:])
+    io = make_image_io("linear", (16, 16, 3), 4, 32, rngs=nnx.Rngs(0), pos_embedding="sincos")
+    np.testing.assert_allclose(io.pos[...], sincos_2d(4, 4, 32), atol=1e-6)
+    with pytest.raises(ValueError, match="position embedding"):
+        make_image_io("linear", (16, 16, 3), 4, 32, rngs=nnx.Rngs(0), pos_embedding="rope")
+
+
+def test_refine_convs_smooth_across_patch_seams():
+    io = make_image_io("linear", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0), refine_channels=8)
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
+    tokens, ctx = io.encode(x, jnp.array([10]))
+    np.testing.assert_array_equal(io.decode(tokens, None, ctx), 0.0)  # still starts at 0
+    # With the output layers no longer zero, changing one token's hidden state
+    # moves pixels of the neighbouring patch too (the 3x3 convs cross the seam).
+    io.out.kernel[...] = jax.random.normal(jax.random.key(1), io.out.kernel[...].shape) * 0.1
+    io.refine[1].kernel[...] = jax.random.normal(jax.random.key(2), io.refine[1].kernel[...].shape) * 0.1
+    base = io.decode(tokens, None, ctx)
+    moved = io.decode(tokens.at[0, 0].add(1.0), None, ctx)
+    changed = np.abs(np.asarray(moved - base))[0].sum(-1) > 1e-6
+    assert changed[:4, :4].any() and changed[:4, 4].any() and not changed[:4, 6:].any()
+    plain = make_image_io("linear", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0))
+    plain.out.kernel[...] = io.out.kernel[...]
+    p_changed = np.abs(np.asarray(plain.decode(tokens.at[0, 0].add(1.0), None, None) -
+                                  plain.decode(tokens, None, None)))[0].sum(-1) > 1e-6
+    assert p_changed[:4, :4].any() and not p_changed[:, 4:].any() and not p_changed[4:].any()
+
+
+def test_unet_skips_leave_the_token_level_to_the_transformer():
+    io = make_image_io("unet", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0), channels=(8, 8, 16), skips=True)
+    # Skips widen every up level except the token one (which would duplicate the transformer's input).
+    assert io.up[0][0].conv1.kernel[...].shape[2] == 16 and io.up[1][0].conv1.kernel[...].shape[2] == 16
+    assert io.up[2][0].conv1.kernel[...].shape[2] == 16  # channels[2] alone
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
+    tokens, ctx = io.encode(x, jnp.array([500]))
+    assert ctx[1] is not None and len(ctx[1]) == 3
+    io.conv_out.kernel[...] = jax.random.normal(jax.random.key(1), io.conv_out.kernel[...].shape) * 0.1
+    out = io.decode(tokens, None, ctx)
+    assert out.shape == x.shape
+    assert not np.allclose(out, io.decode(tokens + 1.0, None, ctx))  # the transformer's output matters
+
+
+def test_unet_skips_can_be_withheld_at_high_noise():
+    io = make_image_io("unet", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0), channels=(8, 8, 16), skips=True,
+                       skip_max_t=500)
+    io.conv_out.kernel[...] = jax.random.normal(jax.random.key(1), io.conv_out.kernel[...].shape) * 0.1
+    x, x2 = jax.random.normal(jax.random.key(0), (2, 1, 16, 16, 3))
+
+    def out(x, t, tokens_from=None):
+        tokens, ctx = io.encode(x, jnp.array([t]))
+        if tokens_from is not None:  # same transformer output, only the skips differ
+            tokens = io.encode(tokens_from, jnp.array([t]))[0]
+        return io.decode(tokens, None, ctx)
+
+    # Below skip_max_t the skips carry x_t's detail; at and above it they are withheld.
+    assert not np.allclose(out(x, 100), out(x2, 100, tokens_from=x))
+    np.testing.assert_allclose(out(x, 500), out(x2, 500, tokens_from=x), atol=1e-6)
+
+
+def test_refine_blocks_read_the_noisy_input():
+    io = make_image_io("linear", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0), refine_channels=8, refine_blocks=1)
+    x, x2 = jax.random.normal(jax.random.key(0), (2, 1, 16, 16, 3))
+    tokens, ctx = io.encode(x, jnp.array([10]))
+    np.testing.assert_array_equal(io.decode(tokens, None, ctx), 0.0)  # zero-initialised: starts at 0
+    io.refine[-1].kernel[...] = jax.random.normal(jax.random.key(1), io.refine[-1].kernel[...].shape) * 0.1
+    _, ctx2 = io.encode(x2, jnp.array([10]))
+    assert not np.allclose(io.decode(tokens, None, ctx), io.decode(tokens, None, ctx2))  # same tokens, other x_t
+    with pytest.raises(ValueError, match="refine_channels"):
+        make_image_io("linear", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0), refine_blocks=1)

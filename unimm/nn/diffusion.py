@@ -83,7 +83,23 @@ def guide(cond: jax.Array, uncond: jax.Array, scale: float) -> jax.Array:
     return uncond + scale * (cond - uncond)
 
 
-PREDICTIONS = ("eps", "v")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_timesteps(rng: jax.Array, shape, num_timesteps: int, kind: str = "uniform", mean: float = 0.0,
+                     std: float = 1.0) -> jax.Array:
+    """Integer training timesteps in [0, T). 'uniform' is DDPM's; 'logit_normal'
+    draws t/T = sigmoid(mean + std * n) (Esser et al., 2024), so a positive mean
+    spends more of training at high noise, where a sample's layout is decided."""
+    if kind == "uniform":
+        return jax.random.randint(rng, shape, 0, num_timesteps)
+    if kind == "logit_normal":
+        u = jax.nn.sigmoid(mean + std * jax.random.normal(rng, shape))
+        return jnp.clip(jnp.floor(u * num_timesteps), 0, num_timesteps - 1).astype(jnp.int32)
+    raise ValueError(f"unknown timestep sampling {kind!r}; choose from {TIMESTEP_SAMPLINGS}")
+
+
+PREDICTIONS = ("eps", "v", "x0")
 WEIGHTINGS = ("none", "min_snr")
 
 
@@ -98,20 +114,45 @@ def eps_from_v(v: jax.Array, x_t: jax.Array, acp_t: jax.Array) -> jax.Array:
     return jnp.sqrt(a) * v + jnp.sqrt(1.0 - a) * x_t
 
 
+def prediction_target(prediction: str, x0: jax.Array, eps: jax.Array, acp_t: jax.Array) -> jax.Array:
+    """What a model that predicts `prediction` (eps, v or x0) is trained to output."""
+    if prediction == "eps":
+        return eps
+    if prediction == "v":
+        return v_target(x0, eps, acp_t)
+    if prediction == "x0":
+        return x0
+    raise ValueError(f"unknown prediction {prediction!r}; choose from {PREDICTIONS}")
+
+
+def eps_from_prediction(prediction: str, out: jax.Array, x_t: jax.Array, acp_t: jax.Array) -> jax.Array:
+    """The noise estimate a model output implies, for the samplers."""
+    if prediction == "eps":
+        return out
+    if prediction == "v":
+        return eps_from_v(out, x_t, acp_t)
+    if prediction == "x0":
+        a = _bcast(acp_t, x_t)
+        return (x_t - jnp.sqrt(a) * out) / jnp.sqrt(jnp.maximum(1.0 - a, 1e-12))
+    raise ValueError(f"unknown prediction {prediction!r}; choose from {PREDICTIONS}")
+
+
 def loss_weight(weighting: str, prediction: str, acp_t: jax.Array, gamma: float = 5.0) -> jax.Array:
     """Per-example weight of the prediction's MSE at signal level acp_t.
 
-    An x0 error costs SNR in eps-MSE and SNR + 1 in v-MSE: eps-prediction all
-    but ignores the noisiest steps, where only the conditioning says what to
-    draw; v-prediction does not. 'none': weight 1. 'min_snr': Hang et al.
-    (2023), min(SNR, gamma) / SNR for eps and min(SNR, gamma) / (SNR + 1) for v,
-    so the nearly clean steps stop dominating the gradient.
+    An x0 error costs SNR in eps-MSE, SNR + 1 in v-MSE and 1 in x0-MSE:
+    eps-prediction all but ignores the noisiest steps, where only the
+    conditioning says what to draw; v- and x0-prediction do not. 'none':
+    weight 1. 'min_snr': Hang et al. (2023), weights that make every
+    prediction's loss min(SNR, gamma) times the x0 error, so the nearly clean
+    steps stop dominating the gradient.
     """
     if weighting == "none":
         return jnp.ones_like(acp_t)
     if weighting == "min_snr":
         snr = acp_t / (1.0 - acp_t)
-        return jnp.minimum(snr, gamma) / (snr if prediction == "eps" else snr + 1.0)
+        per_x0 = {"eps": snr, "v": snr + 1.0, "x0": jnp.ones_like(snr)}[prediction]
+        return jnp.minimum(snr, gamma) / per_x0
     raise ValueError(f"unknown diffusion loss weighting {weighting!r}; choose from {WEIGHTINGS}")
 
 

@@ -41,6 +41,34 @@ def unpatchify(x: jax.Array, p: int, h: int, w: int, c: int) -> jax.Array:
     return x.reshape(n, h, w, c)
 
 
+def sincos_2d(grid_h: int, grid_w: int, dim: int) -> jax.Array:
+    """Fixed 2D sine-cosine features (grid_h * grid_w, dim), row-major: half the
+    channels encode the row, half the column (as in MAE and DiT)."""
+    quarter = dim // 4
+    freqs = 1.0 / 10000.0 ** (jnp.arange(quarter, dtype=jnp.float32) / max(quarter, 1))
+    rows, cols = jnp.meshgrid(jnp.arange(grid_h, dtype=jnp.float32), jnp.arange(grid_w, dtype=jnp.float32),
+                              indexing="ij")
+    parts = [f(a.reshape(-1, 1) * freqs) for a in (rows, cols) for f in (jnp.sin, jnp.cos)]
+    emb = jnp.concatenate(parts, axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim - emb.shape[-1])))
+
+
+POS_EMBEDDINGS = ("sincos", "normal")
+
+
+def position_param(kind: str, grid_h: int, grid_w: int, dim: int, rngs: nnx.Rngs) -> nnx.Param:
+    """Learned patch-position embeddings (grid_h * grid_w, dim): 'sincos' starts
+    from 2D sine-cosine features, so every patch knows its row and column from
+    the first step; 'normal' starts from N(0, 0.02) and must learn them."""
+    if kind == "sincos":
+        init = lambda key, shape, dtype: sincos_2d(grid_h, grid_w, dim).astype(dtype)
+    elif kind == "normal":
+        init = jax.nn.initializers.normal(0.02)
+    else:
+        raise ValueError(f"unknown position embedding {kind!r}; choose from {POS_EMBEDDINGS}")
+    return ax.param(init, rngs.params(), (grid_h * grid_w, dim), (None, "embed"))
+
+
 class TimestepMLP(nnx.Module):
     """Sinusoidal timestep features -> MLP -> (N, dim)."""
 
@@ -105,25 +133,60 @@ class ResBlock(nnx.Module):
 
 
 class LinearPatchIO(nnx.Module):
-    def __init__(self, image_shape: Sequence[int], patch: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    """One linear map per patch in and out, plus an optional conv refinement of
+    the unpatchified prediction (residual, zero-initialised, so it starts as
+    the identity):
+
+    - `refine_channels` > 0, `refine_blocks` = 0: a 3x3 conv pair on the
+      prediction alone (U-ViT's final conv): smooths the seams between patches.
+    - `refine_blocks` > 0: that many timestep-conditioned ResBlocks over the
+      prediction and the noisy input x_t together, a one-level U-Net skip at
+      full resolution: the transformer still decides what to draw (at high
+      noise x_t holds nothing else), the convs draw its edges from x_t.
+    """
+
+    def __init__(self, image_shape: Sequence[int], patch: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 pos_embedding: str = "normal", refine_channels: int = 0, refine_blocks: int = 0):
         h, w, c = image_shape
+        if refine_blocks and not refine_channels:
+            raise ValueError("refine_blocks > 0 needs refine_channels > 0 (their width)")
         self.image_shape, self.patch = (h, w, c), patch
         self.num_patches, self.patch_dim = (h // patch) * (w // patch), patch * patch * c
         self.inp = Linear(self.patch_dim, dim, ("patch", "embed"), rngs=rngs, dtype=dtype, use_bias=True)
-        self.pos = ax.param(jax.nn.initializers.normal(0.02), rngs.params(), (self.num_patches, dim),
-                            (None, "embed"))
+        self.pos = position_param(pos_embedding, h // patch, w // patch, dim, rngs)
         self.temb = TimestepMLP(dim, rngs=rngs, dtype=dtype)
         self.out_norm = RMSNorm(dim)
         self.out = Linear(dim, self.patch_dim, ("embed", "patch"), rngs=rngs, dtype=dtype, use_bias=True,
                           zero_init=True)
+        kw = dict(rngs=rngs, dtype=dtype)
+        self.refine_sees_input = bool(refine_blocks)
+        if not refine_channels:
+            layers = []
+        elif not refine_blocks:
+            layers = [Conv(c, refine_channels, **kw), Conv(refine_channels, c, zero_init=True, **kw)]
+        else:
+            layers = ([Conv(2 * c, refine_channels, **kw)] +
+                      [ResBlock(refine_channels, refine_channels, dim, **kw) for _ in range(refine_blocks)] +
+                      [GroupNorm(refine_channels), Conv(refine_channels, c, zero_init=True, **kw)])
+        self.refine = nnx.List(layers)
 
     def encode(self, x: jax.Array, t: jax.Array):
+        temb = self.temb(t)
         tokens = self.inp(patchify(x, self.patch)) + self.pos[...].astype(self.inp.dtype)
-        return tokens + self.temb(t)[:, None, :], None
+        return tokens + temb[:, None, :], ((x, temb) if self.refine_sees_input else None)
 
     def decode(self, h: jax.Array, t: jax.Array, context) -> jax.Array:
-        del t, context
-        return unpatchify(self.out(self.out_norm(h)).astype(jnp.float32), self.patch, *self.image_shape)
+        del t
+        x = unpatchify(self.out(self.out_norm(h)).astype(jnp.float32), self.patch, *self.image_shape)
+        if not len(self.refine):
+            return x
+        if not self.refine_sees_input:
+            return x + self.refine[1](jax.nn.silu(self.refine[0](x))).astype(jnp.float32)
+        x_t, temb = context
+        r = self.refine[0](jnp.concatenate([x, x_t.astype(jnp.float32)], axis=-1))
+        for block in self.refine[1:-2]:
+            r = block(r, temb)
+        return x + self.refine[-1](jax.nn.silu(self.refine[-2](r))).astype(jnp.float32)
 
 
 class UNetPatchIO(nnx.Module):
@@ -131,14 +194,16 @@ class UNetPatchIO(nnx.Module):
 
     `channels[i]` is the width at resolution H / 2^i; there are log2(patch)
     downsamplings, so len(channels) = log2(patch) + 1. With `skips`, the up path
-    also sees the down path's features at each resolution (a classic U-Net);
-    without them (the default) everything passes through the transformer, which
-    then has to carry the conditioning: with skips a small model learns to
-    denoise locally and ignore the text.
+    also sees the down path's features at each resolution above the tokens' (a
+    classic U-Net, minus the token-level skip, which would duplicate the
+    transformer's input); `skip_max_t` > 0 withholds them at timesteps >=
+    skip_max_t. Without skips (the default) everything passes through the
+    transformer. Measured trade-offs on the scenes: docs/transfusion.md.
     """
 
     def __init__(self, image_shape: Sequence[int], patch: int, dim: int, channels: Sequence[int], *,
-                 rngs: nnx.Rngs, blocks: int = 1, skips: bool = False, dtype=jnp.float32):
+                 rngs: nnx.Rngs, blocks: int = 1, skips: bool = False, dtype=jnp.float32,
+                 pos_embedding: str = "normal", skip_max_t: int = 0):
         h, w, c = image_shape
         levels = int(round(math.log2(patch)))
         if 2**levels != patch:
@@ -154,13 +219,14 @@ class UNetPatchIO(nnx.Module):
                               for i in range(levels + 1)])
         self.downsample = nnx.List([Conv(channels[i], channels[i + 1], 3, 2, **kw) for i in range(levels)])
         self.to_model = Linear(channels[-1], dim, ("conv", "embed"), use_bias=True, **kw)
-        self.pos = ax.param(jax.nn.initializers.normal(0.02), rngs.params(), (self.num_patches, dim),
-                            (None, "embed"))
+        self.pos = position_param(pos_embedding, h // patch, w // patch, dim, rngs)
         self.out_norm = RMSNorm(dim)
         self.from_model = Linear(dim, channels[-1], ("embed", "conv"), use_bias=True, **kw)
-        self.skips = skips
-        width = 2 if skips else 1
-        self.up = nnx.List([nnx.List([ResBlock(width * channels[i], channels[i], dim, **kw)] +
+        self.skips, self.skip_max_t = skips, skip_max_t
+        # No skip at the token resolution: it would hand the up path the very
+        # features the transformer reads, and the model could ignore the text.
+        width = lambda i: 2 if skips and i < levels else 1
+        self.up = nnx.List([nnx.List([ResBlock(width(i) * channels[i], channels[i], dim, **kw)] +
                                      [ResBlock(channels[i], channels[i], dim, **kw) for _ in range(blocks - 1)])
                             for i in range(levels + 1)])
         self.upsample = nnx.List([Conv(channels[i + 1], channels[i], **kw) for i in range(levels)])
@@ -179,6 +245,11 @@ class UNetPatchIO(nnx.Module):
                 h = self.downsample[i](h)
         n, gh, gw, ch = h.shape
         tokens = self.to_model(h.reshape(n, gh * gw, ch)) + self.pos[...].astype(h.dtype)
+        if self.skips and self.skip_max_t:
+            # Above skip_max_t the up path gets no skips: the noisiest steps,
+            # where only the text says what to draw, must go through the transformer.
+            keep = (t < self.skip_max_t).astype(h.dtype)[:, None, None, None]
+            skips = [s * keep for s in skips]
         return tokens + temb[:, None, :], (temb, skips if self.skips else None)
 
     def decode(self, h: jax.Array, t: jax.Array, context) -> jax.Array:
@@ -190,7 +261,7 @@ class UNetPatchIO(nnx.Module):
         x = x.reshape(x.shape[0], hh // g, ww // g, x.shape[-1])
         for i in reversed(range(len(self.up))):
             blocks = self.up[i]
-            if self.skips:
+            if self.skips and i < len(self.up) - 1:
                 x = jnp.concatenate([x, skips[i].astype(x.dtype)], axis=-1)
             x = blocks[0](x, temb)
             for block in blocks[1:]:
@@ -202,10 +273,14 @@ class UNetPatchIO(nnx.Module):
 
 
 def make_image_io(kind: str, image_shape, patch: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                  channels: Optional[Sequence[int]] = None, blocks: int = 1, skips: bool = False):
+                  channels: Optional[Sequence[int]] = None, blocks: int = 1, skips: bool = False,
+                  pos_embedding: str = "normal", refine_channels: int = 0, refine_blocks: int = 0,
+                  skip_max_t: int = 0):
     if kind == "linear":
-        return LinearPatchIO(image_shape, patch, dim, rngs=rngs, dtype=dtype)
+        return LinearPatchIO(image_shape, patch, dim, rngs=rngs, dtype=dtype, pos_embedding=pos_embedding,
+                             refine_channels=refine_channels, refine_blocks=refine_blocks)
     if kind == "unet":
         return UNetPatchIO(image_shape, patch, dim, channels or [64] * (int(math.log2(patch)) + 1),
-                           rngs=rngs, blocks=blocks, skips=skips, dtype=dtype)
+                           rngs=rngs, blocks=blocks, skips=skips, dtype=dtype, pos_embedding=pos_embedding,
+                           skip_max_t=skip_max_t)
     raise ValueError(f"unknown image in/out layers {kind!r}; choose 'linear' or 'unet'")

@@ -60,12 +60,19 @@ class Settings:
     unet_channels: tuple = (32, 64, 128)
     unet_blocks: int = 1
     unet_skips: bool = False
+    unet_skip_max_t: int = 0  # > 0: skips only at timesteps below this (the noisier ones rely on the text)
+    pos_embedding: str = "normal"  # patch positions: normal (N(0, 0.02) start) | sincos (2D sin-cos start)
+    refine_channels: int = 0  # linear io: width of the conv refinement of its output (0: none)
+    refine_blocks: int = 0  # linear io: 0: a conv pair on the prediction; > 0: ResBlocks on prediction + x_t
     diffusion_weight: float = 5.0
     prediction: str = "eps"  # what the model outputs: eps (the paper) | v
     loss_weighting: str = "none"  # none (the paper) | min_snr
     min_snr_gamma: float = 5.0
     num_timesteps: int = 1000
     schedule: str = "cosine"
+    timestep_sampling: str = "uniform"  # uniform (the paper) | logit_normal
+    timestep_mean: float = 0.0  # logit_normal: > 0 favours high noise
+    timestep_std: float = 1.0
     caption_first_ratio: float = 0.8
     noise_cap: int = 500
     noise_cap_prob: float = 0.8
@@ -99,6 +106,7 @@ class Settings:
             raise ValueError(f"transfusion.prediction={self.prediction!r}; choose from {diff.PREDICTIONS}")
         diff.loss_weight(self.loss_weighting, self.prediction, jnp.array([0.5]))
         diff.eta_for(self.sampler)
+        diff.sample_timesteps(jax.random.key(0), (1,), 2, self.timestep_sampling)
         diff.sampling_timesteps(self.num_timesteps, self.sample_steps)
         if self.pairs_per_sequence < 1 or self.max_text_len < 1:
             raise ValueError("transfusion.pairs_per_sequence and max_text_len must be >= 1")
@@ -168,7 +176,10 @@ class TransfusionModel(nnx.Module):
         dtype = dcfg.compute_dtype
         self.embed = Embed(vocab_size, dcfg.d_model, rngs=rngs, dtype=dtype)
         self.image_io = make_image_io(s.io, s.image_shape, s.patch_size, dcfg.d_model, rngs=rngs, dtype=dtype,
-                                      channels=s.unet_channels, blocks=s.unet_blocks, skips=s.unet_skips)
+                                      channels=s.unet_channels, blocks=s.unet_blocks, skips=s.unet_skips,
+                                      pos_embedding=s.pos_embedding, refine_channels=s.refine_channels,
+                                      refine_blocks=s.refine_blocks,
+                                      skip_max_t=s.unet_skip_max_t)
         self.decoder = Decoder(dcfg, rngs=rngs)
         self.lm_head = Linear(dcfg.d_model, vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype)
         self.num_patches = s.num_patches
@@ -208,9 +219,8 @@ class TransfusionModel(nnx.Module):
         tokens, ctx = self.image_io.encode(x_t, t)
         h, _ = self.decoder(tokens, meta, cache, update_cache=False)
         out = self.image_io.decode(h, t, ctx)
-        if self.prediction == "v":
-            out = diff.eps_from_v(out, x_t, jnp.asarray(diff.alphas_cumprod(*self.schedule))[t])
-        return out
+        return diff.eps_from_prediction(self.prediction, out, x_t,
+                                        jnp.asarray(diff.alphas_cumprod(*self.schedule))[t])
 
     def append_image(self, x0, meta: Meta, cache: KVCache):
         """Add a clean image's tokens (noise level 0) to the cache."""
@@ -503,7 +513,8 @@ class Transfusion(Objective):
         x0 = self.to_model_space(batch["images"], model)
         b, k = x0.shape[:2]
         r_t, r_cap, r_eps = jax.random.split(rng, 3)
-        t = jax.random.randint(r_t, (b, k), 0, s.num_timesteps)
+        t = diff.sample_timesteps(r_t, (b, k), s.num_timesteps, s.timestep_sampling, s.timestep_mean,
+                                  s.timestep_std)
         t = jnp.where(batch["noise_cap"], jax.random.randint(r_cap, (b, k), 0, s.noise_cap), t)
         eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
         x_t = diff.q_sample(x0, t, eps, jnp.asarray(self.acp))
@@ -513,7 +524,7 @@ class Transfusion(Objective):
                                             s.z_loss)
         valid = batch["image_valid"].astype(jnp.float32)
         acp_t = jnp.asarray(self.acp)[t]
-        target = eps if s.prediction == "eps" else diff.v_target(x0, eps, acp_t)
+        target = diff.prediction_target(s.prediction, x0, eps, acp_t)
         per_image = jnp.mean((eps_pred.astype(jnp.float32) - target) ** 2, axis=(2, 3, 4))
         weight = diff.loss_weight(s.loss_weighting, s.prediction, acp_t, s.min_snr_gamma)
         diffusion_loss = (per_image * weight * valid).sum() / jnp.maximum(valid.sum(), 1.0)
