@@ -209,3 +209,15 @@ def test_interleaved_generation(objective):
     (before, image, after), = objective.generate(model, ["a red circle"], jax.random.key(0), max_text=4)
     assert before == "" and after == ""  # only BOI tokens were produced around the image
     assert image is not None and image.shape == objective.s.image_shape and image.dtype == np.uint8
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(image=dict(refine_blocks=2)), "refine_blocks > 0 needs image.refine_channels"),
+    (dict(transfusion=dict(timestep_sampling="beta")), "unknown timestep sampling 'beta'"),
+])
+def test_bad_image_settings_fail_before_anything_is_built(tiny_config, override, message):
+    c = tiny_config.copy_and_resolve_references()
+    for section, values in override.items():
+        c[section].update(values)
+    with pytest.raises(ValueError, match=message):
+        tf.settings_from_config(c)

@@ -106,7 +106,11 @@ class Settings:
             raise ValueError(f"transfusion.prediction={self.prediction!r}; choose from {diff.PREDICTIONS}")
         diff.loss_weight(self.loss_weighting, self.prediction, jnp.array([0.5]))
         diff.eta_for(self.sampler)
-        diff.sample_timesteps(jax.random.key(0), (1,), 2, self.timestep_sampling)
+        if self.refine_blocks and not self.refine_channels:
+            raise ValueError("image.refine_blocks > 0 needs image.refine_channels > 0 (their width)")
+        if self.timestep_sampling not in diff.TIMESTEP_SAMPLINGS:
+            raise ValueError(f"unknown timestep sampling {self.timestep_sampling!r}; choose from "
+                             f"{diff.TIMESTEP_SAMPLINGS}")
         diff.sampling_timesteps(self.num_timesteps, self.sample_steps)
         if self.pairs_per_sequence < 1 or self.max_text_len < 1:
             raise ValueError("transfusion.pairs_per_sequence and max_text_len must be >= 1")
