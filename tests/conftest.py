@@ -9,24 +9,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from helpers import tiny_tokenizer_config, tiny_transfusion_config  # noqa: E402
 
-def tiny_transfusion_config(**overrides):
-    """A Transfusion config small enough to compile in seconds."""
-    from unimm.configs.transfusion import tiny_config
 
-    c = tiny_config()
-    c.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, qk_norm=True)
-    c.image.update(resolution=16, patch_size=4, io="linear")
-    c.transfusion.update(max_text_len=16)
-    c.sampling.update(sample_steps=4, max_new_tokens=6)
-    c.data.update(batch_size=8, num_threads=1, prefetch=2)
-    c.optim.update(learning_rate=3e-3, warmup_steps=2)
-    c.train.update(steps=4, log_every=1, checkpoint_every=2, final_eval=False, tensorboard=False, mfu=False)
-    c.eval.update(images_per_category=1, num_understanding=2, batch_size=8)
-    c.mesh.shape.update(data=1, fsdp=1, tensor=1)
-    for section, values in overrides.items():
-        c[section].update(values)
-    return c
+@pytest.fixture(scope="session")
+def trained_tokenizer(tmp_path_factory):
+    """(workdir, final eval record) of the tiny tokenizer trained for 300 steps (once per session)."""
+    from unimm.train.trainer import Trainer
+
+    workdir = tmp_path_factory.mktemp("image_tokenizer")
+    cfg = tiny_tokenizer_config()
+    cfg.train.final_eval = True
+    out = Trainer(cfg, workdir, devices=jax.devices()[:1]).train()
+    return workdir, out["eval"]
 
 
 @pytest.fixture(scope="session")

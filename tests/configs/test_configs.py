@@ -77,3 +77,13 @@ def test_7b_train_step_lowers_on_8_devices(devices, tmp_path):
     assert "fsdp" in text or "sharding" in text
     kernel = state.param_shardings["decoder"]["blocks"]["mlp"]["wi"]["kernel"]
     assert kernel.spec[1] == "fsdp"  # the embed dim of every kernel is split over the 8 devices
+
+
+def test_showo_1b_has_phi_1_5_parameters():
+    """Phi-1.5 has 1.42B parameters (its "1.3B" is the non-embedding count); the
+    Show-o vocabulary adds 8192 image codes and 7 specials to Phi's 50,295 tokens."""
+    config = load("showo_1b")
+    total, transformer = _param_counts(config)
+    assert abs(transformer - 1.42e9) / 1.42e9 <= 0.05, transformer
+    obj = objectives.build(config, shapes_only=True)
+    assert obj.vocab_size == 50295 + 8192 + 7 and obj.num_tokens == 256

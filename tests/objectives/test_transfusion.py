@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import randomize_zero_inits
 from unimm import objectives
 from unimm.data.shapes import ShapesSource
 from unimm.nn import diffusion as diff
@@ -15,16 +16,6 @@ from unimm.objectives import transfusion as tf
 @pytest.fixture(scope="module")
 def objective(tiny_config):
     return objectives.build(tiny_config)
-
-
-def randomize_zero_inits(model, seed=1):
-    """Output layers start at zero (predictions are 0 at init); give them random
-    weights so equivalence tests compare real, input-dependent predictions."""
-    key = jax.random.key(seed)
-    for i, (_, v) in enumerate(nnx.iter_graph(model)):
-        if isinstance(v, nnx.Param) and v[...].ndim >= 2 and not np.any(np.asarray(v[...])):
-            v[...] = 0.1 * jax.random.normal(jax.random.fold_in(key, i), v[...].shape)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -78,3 +78,18 @@ def test_full_steps_agree(tiny_config, devices, tmp_path):
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_showo_sharded_step_equals_one_device(trained_tokenizer, devices, tmp_path_factory):
+    """The second recipe on the same trainer: loss and gradients on the 2x2x2 mesh."""
+    from helpers import tiny_showo_config
+
+    out = []
+    for shape, devs in (((1, 1, 1), devices[:1]), ((2, 2, 2), devices)):
+        cfg = tiny_showo_config(trained_tokenizer[0])
+        cfg.mesh.shape.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
+        out.append(_loss_and_grads(cfg, devs, tmp_path_factory.mktemp("showo")))
+    (_, _, loss1, g1), (_, _, loss8, g8) = out
+    assert abs(loss8 - loss1) / abs(loss1) <= 1e-5
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g8)):
+        assert _rel(b, a) <= 1e-5 or np.abs(np.asarray(a)).max() == 0, (jax.tree_util.keystr(path), _rel(b, a))

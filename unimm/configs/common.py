@@ -30,6 +30,8 @@ DEFAULT_RULES = (
     ("patch", None),
     ("conv", None),
     ("conv_in", None),
+    ("codes", None),
+    ("code_dim", None),
 )
 
 

@@ -97,6 +97,19 @@ def param(init, key: jax.Array, shape: Sequence[int], axes: Sequence[Optional[st
     return nnx.Param(init(key, tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
+class Buffer(nnx.Variable):
+    """Model state that is not trained by the optimizer but written by the
+    training loss itself (EMA codebooks, code-usage statistics). The trainer
+    checkpoints and shards buffers like parameters and keeps the loss's writes."""
+
+
+def buffer(value: jax.Array, axes: Sequence[Optional[str]]) -> Buffer:
+    """A buffer holding `value`, carrying logical axis names."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"axes {tuple(axes)} do not match shape {tuple(value.shape)}")
+    return Buffer(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
 def logical_axes(variable: nnx.Variable) -> Optional[tuple]:
     return variable.get_metadata().get("out_sharding")
 

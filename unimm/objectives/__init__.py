@@ -11,6 +11,8 @@ import importlib
 _MODULES = {
     "transfusion": "unimm.objectives.transfusion",
     "kl_vae": "unimm.objectives.kl_vae",
+    "image_tokenizer": "unimm.objectives.image_tokenizer",
+    "showo": "unimm.objectives.showo",
 }
 
 

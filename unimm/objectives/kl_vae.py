@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unimm.data.grid import make_grid
 from unimm.data.pipeline import EvalSet
+from unimm.eval.reconstruction import psnr, save_grid, to_uint8
 from unimm.nn import flops as flops_lib
 from unimm.nn.autoencoder import KLAutoencoder
 from unimm.objectives.base import ArraySpec, Objective, Stream
@@ -54,12 +54,6 @@ class AutoencoderSettings:
     def make(self, rngs: nnx.Rngs, dtype=jnp.float32) -> KLAutoencoder:
         return KLAutoencoder(self.channels, self.latent_channels, rngs=rngs, image_channels=self.image_channels,
                              blocks=self.blocks, dtype=dtype)
-
-
-def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
-    """PSNR in dB of images in [-1, 1], per image."""
-    mse = jnp.mean(((x - y) / 2.0) ** 2, axis=tuple(range(1, x.ndim)))
-    return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -134,11 +128,7 @@ class KLVAE(Objective):
 
             workdir = pathlib.Path(workdir)
             write_record(workdir, step, record)
-            (workdir / "samples").mkdir(parents=True, exist_ok=True)
-            recon = np.asarray(jnp.round((rec + 1) * 127.5)).astype(np.uint8)
-            n = min(8, len(exs))
-            make_grid(list(images[:n]) + list(recon[:n]), ["original"] * n + ["reconstruction"] * n,
-                      cols=n).save(workdir / "samples" / f"step_{step:06d}.png")
+            save_grid(workdir / "samples" / f"step_{step:06d}.png", images, to_uint8(rec))
         return record
 
     def format_eval(self, record):

@@ -17,12 +17,14 @@ import dataclasses
 import math
 import os
 import pathlib
+import re
 import signal
 import threading
 import time
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -71,6 +73,30 @@ def opt_state_shardings(opt_state, params, param_shardings, replicated):
     return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
+# What a model may hold: trained parameters and buffers its loss writes.
+_VARIABLES = (nnx.Param, ax.Buffer)
+
+
+def _written(before, after) -> dict:
+    """{path: new value} of the variables the loss assigned (found at trace time:
+    an untouched variable still holds the very array it was given)."""
+    old = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(before)}
+    return {key: x for key, x in ((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(after))
+            if x is not old[key]}
+
+
+def _keep_writes(old, updated, written: dict):
+    """The optimizer's update, except where the loss wrote a variable: there,
+    elements the loss changed (e.g. restarted codebook rows) keep the loss's value."""
+    def one(path, o, u):
+        w = written.get(jax.tree_util.keystr(path))
+        if w is None:
+            return u
+        w = w.astype(u.dtype)
+        return jnp.where(w != o, w, u)
+    return jax.tree_util.tree_map_with_path(one, old, updated)
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -115,11 +141,17 @@ class Trainer:
     # -- state -------------------------------------------------------------------
     def abstract_model(self):
         model = nnx.eval_shape(lambda: self.objective.make_model(nnx.Rngs(self.config.seed)))
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        graphdef, params, rest = nnx.split(model, _VARIABLES, ...)
         if jax.tree.leaves(rest):
-            raise ValueError("models may hold only nnx.Param state; found other variables: "
-                             f"{jax.tree.map(lambda x: x.shape, rest)}")
+            raise ValueError("models may hold only nnx.Param and unimm.nn.axes.Buffer state; found other "
+                             f"variables: {jax.tree.map(lambda x: x.shape, rest)}")
         return graphdef, params
+
+    def buffer_paths(self) -> tuple[str, ...]:
+        """Paths ('a/b/c') of the model's buffers: in the params tree, never trained."""
+        model = nnx.eval_shape(lambda: self.objective.make_model(nnx.Rngs(self.config.seed)))
+        flat = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, ax.Buffer)))
+        return tuple(optim_lib.path_name(p) for p, _ in flat)
 
     def abstract_state(self, with_optimizer: bool = True) -> TrainState:
         """Shapes, dtypes and shardings of params (and optimizer state); no arrays."""
@@ -128,7 +160,8 @@ class Trainer:
         params = nnx.to_pure_dict(abstract)
         opt_state = opt_sh = None
         if with_optimizer:
-            self.optimizer = optim_lib.make(self.config.optim, self.total_steps, params, self.objective.frozen())
+            frozen = tuple(self.objective.frozen()) + tuple(f"^{re.escape(b)}$" for b in self.buffer_paths())
+            self.optimizer = optim_lib.make(self.config.optim, self.total_steps, params, frozen)
             opt_state = jax.eval_shape(self.optimizer.init, params)
             opt_sh = opt_state_shardings(opt_state, params, param_sh, self.replicated)
         return TrainState(graphdef, params, opt_state, param_sh, opt_sh)
@@ -139,7 +172,7 @@ class Trainer:
         seed = self.config.seed
 
         def init():
-            return nnx.to_pure_dict(nnx.state(self.objective.make_model(nnx.Rngs(seed)), nnx.Param))
+            return nnx.to_pure_dict(nnx.state(self.objective.make_model(nnx.Rngs(seed)), _VARIABLES))
 
         with ax.sharding_context(self.mesh, self.rules):
             state.params = jax.jit(init, out_shardings=state.param_shardings)()
@@ -190,14 +223,19 @@ class Trainer:
     # -- step ----------------------------------------------------------------------
     def make_step(self, state: TrainState) -> Callable:
         objective, optimizer, graphdef = self.objective, self.optimizer, state.graphdef
+        buffers = set(self.buffer_paths())
 
         def step(params, opt_state, batch, rng):
             def loss_fn(p):
-                return objective.loss(nnx.merge(graphdef, p), batch, rng)
+                p = jax.tree_util.tree_map_with_path(
+                    lambda path, x: jax.lax.stop_gradient(x) if optim_lib.path_name(path) in buffers else x, p)
+                model = nnx.merge(graphdef, p)
+                loss, metrics = objective.loss(model, batch, rng)
+                return loss, (metrics, _written(p, nnx.to_pure_dict(nnx.state(model, _VARIABLES))))
 
-            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            (loss, (metrics, written)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             updates, opt_state = optimizer.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            params = _keep_writes(params, optax.apply_updates(params, updates), written)
             metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
             return params, opt_state, metrics
 

@@ -1,0 +1,72 @@
+"""Shared test helpers: tiny configs that compile in seconds, and model tweaks."""
+
+import jax
+
+
+def randomize_zero_inits(model, seed=1):
+    """Output layers start at zero (predictions are 0 at init); give them random
+    weights so equivalence tests compare real, input-dependent predictions."""
+    from flax import nnx
+    import numpy as np
+
+    key = jax.random.key(seed)
+    for i, (_, v) in enumerate(nnx.iter_graph(model)):
+        if isinstance(v, nnx.Param) and v[...].ndim >= 2 and not np.any(np.asarray(v[...])):
+            v[...] = 0.1 * jax.random.normal(jax.random.fold_in(key, i), v[...].shape)
+    return model
+
+
+def tiny_transfusion_config(**overrides):
+    """A Transfusion config small enough to compile in seconds."""
+    from unimm.configs.transfusion import tiny_config
+
+    c = tiny_config()
+    c.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, qk_norm=True)
+    c.image.update(resolution=16, patch_size=4, io="linear")
+    c.transfusion.update(max_text_len=16)
+    c.sampling.update(sample_steps=4, max_new_tokens=6)
+    c.data.update(batch_size=8, num_threads=1, prefetch=2)
+    c.optim.update(learning_rate=3e-3, warmup_steps=2)
+    c.train.update(steps=4, log_every=1, checkpoint_every=2, final_eval=False, tensorboard=False, mfu=False)
+    c.eval.update(images_per_category=1, num_understanding=2, batch_size=8)
+    c.mesh.shape.update(data=1, fsdp=1, tensor=1)
+    for section, values in overrides.items():
+        c[section].update(values)
+    return c
+
+
+def tiny_tokenizer_config(**overrides):
+    """An image tokenizer for 16 px scenes: 2x down (8x8 codes), 64 codes."""
+    from unimm.configs.image_tokenizer import tiny_config
+
+    c = tiny_config()
+    c.image.resolution = 16
+    c.image_tokenizer.update(channels=(16, 32), codebook_size=64, code_dim=8)
+    c.data.update(batch_size=16, num_threads=1, prefetch=2)
+    c.train.update(steps=300, log_every=100, checkpoint_every=300, tensorboard=False, mfu=False)
+    c.eval.update(num_understanding=32)
+    c.mesh.shape.update(data=1, fsdp=1, tensor=1)
+    for section, values in overrides.items():
+        c[section].update(values)
+    return c
+
+
+def tiny_showo_config(tokenizer_workdir: str = "", **overrides):
+    """A Show-o config over the tiny 16 px tokenizer, small enough to compile in seconds."""
+    from unimm.configs.showo import tiny_config, with_workdir
+
+    c = tiny_config()
+    c.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
+    c.image.resolution = 16
+    c.image_tokenizer = with_workdir(tiny_tokenizer_config())
+    c.image_tokenizer.workdir = str(tokenizer_workdir)
+    c.showo.update(max_text_len=20)
+    c.sampling.update(sample_steps=4, max_new_tokens=6)
+    c.data.update(batch_size=8, num_threads=1, prefetch=2)
+    c.optim.update(learning_rate=3e-3, warmup_steps=2)
+    c.train.update(steps=4, log_every=1, checkpoint_every=2, final_eval=False, tensorboard=False, mfu=False)
+    c.eval.update(images_per_category=1, num_understanding=2, batch_size=8)
+    c.mesh.shape.update(data=1, fsdp=1, tensor=1)
+    for section, values in overrides.items():
+        c[section].update(values)
+    return c

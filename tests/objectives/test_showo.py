@@ -1,0 +1,182 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import randomize_zero_inits, tiny_showo_config
+from unimm import objectives
+from unimm.data.shapes import ShapesSource
+from unimm.nn.attention import Meta
+from unimm.objectives import showo
+
+
+@pytest.fixture(scope="module")
+def objective():
+    return objectives.build(tiny_showo_config())
+
+
+@pytest.fixture(scope="module")
+def model(objective):
+    return randomize_zero_inits(objective.make_model(nnx.Rngs(0)))
+
+
+@pytest.fixture(scope="module")
+def example(objective):
+    return ShapesSource(resolution=objective.resolution)[0]
+
+
+def test_vocabulary_layout(objective):
+    v, k = objective.text_vocab, objective.codebook_size
+    assert objective.code_start == v
+    assert sorted(objective.ids.values()) == list(range(v + k, v + k + len(showo.SPECIALS)))
+    assert objective.vocab_size == v + k + 7
+
+
+def test_t2i_layout(objective, example):
+    i, N = objective.ids, objective.num_tokens
+    text = objective.text_ids(example["caption"])
+    row = objective.layout("t2i", example["image"], text)
+    n = len(text)
+    assert list(row["tokens"][:n + 4]) == [i["t2i"], i["sot"]] + text + [i["eot"], i["soi"]]
+    assert row["image_start"] == n + 4 and row["tokens"][n + 4 + N] == i["eoi"]
+    assert (row["span"] == 1).sum() == N and row["span"][row["image_start"]:row["image_start"] + N].all()
+    assert row["mtp_weight"] == 1.0 and not row["ntp_weight"].any()  # t2i trains only the masked codes
+    assert (row["segment"][:n + 5 + N] == 1).all() and (row["segment"][n + 5 + N:] == 0).all()
+
+
+def test_mmu_and_lm_layouts_train_only_the_answer(objective, example):
+    i, N = objective.ids, objective.num_tokens
+    q, a = objective.tok.encode("what color is the circle?"), objective.tok.encode("red")
+    row = objective.layout("mmu", example["image"], q, a)
+    assert row["image_start"] == 2 and row["tokens"][0] == i["mmu"] and row["tokens"][2 + N] == i["eoi"]
+    assert row["mtp_weight"] == 0.0
+    end = 2 + N + 2 + len(q) + len(a) + 1
+    targets = np.flatnonzero(row["ntp_weight"])
+    assert list(targets) == list(range(end - len(a) - 1, end))  # the answer and [EOT]
+    assert row["tokens"][end - 1] == i["eot"]
+    lm = objective.layout("lm", None, [], a)
+    assert list(lm["tokens"][:len(a) + 2]) == [i["sot"]] + a + [i["eot"]]
+    assert np.allclose(lm["ntp_weight"][1:len(a) + 2], 0.1) and not lm["has_image"]  # paper's text weight
+
+
+def test_over_long_text_is_rejected_by_name(objective):
+    with pytest.raises(ValueError, match="max_text_len"):
+        objective.text_ids(" ".join(["red circle"] * 30))
+
+
+def test_mask_counts_follow_the_cosine_schedule(objective):
+    masked = np.asarray(objective.mask_codes(jax.random.key(0), 512))
+    n = masked.sum(1)
+    N = objective.num_tokens
+    assert n.min() >= 1 and n.max() <= N
+    # ratio = cos(pi/2 u), u uniform: E[ratio] = 2/pi.
+    assert abs(n.mean() / N - 2 / np.pi) < 0.05
+
+
+def test_only_masked_positions_contribute_to_the_image_loss():
+    logits = jax.random.normal(jax.random.key(0), (2, 6, 5))
+    codes = jnp.array([[0, 1, 2, 3, 4, 0], [1, 1, 1, 1, 1, 1]])
+    masked = jnp.array([[True, False, True, False, False, False], [False] * 5 + [True]])
+    grad = jax.grad(lambda l: showo.masked_token_loss(l, codes, masked, jnp.ones(2))[0])(logits)
+    assert np.abs(np.asarray(grad)[~np.asarray(masked)]).max() == 0.0
+    assert np.abs(np.asarray(grad)[np.asarray(masked)]).min() > 0.0
+    loss = showo.masked_token_loss(logits, codes, masked, jnp.ones(2))[0]
+    nll = -jax.nn.log_softmax(logits)[jnp.arange(2)[:, None], jnp.arange(6)[None], codes]
+    np.testing.assert_allclose(loss, nll[masked].mean(), rtol=1e-6)
+
+
+def test_loss_masks_only_t2i_codes_and_is_finite(objective, model, example):
+    rows = [objective.encode([example], np.random.default_rng(s), stream=st)
+            for s, st in enumerate(["t2i", "mmu", "lm", "t2i"])]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    loss, m = objective.loss(model, batch, jax.random.key(0))
+    assert np.isfinite(float(loss)) and float(m["mtp_loss"]) > 0 and float(m["ntp_loss"]) > 0
+
+
+def _uncached_code_logits(objective, model, prefix, codes, masked):
+    """Code logits of one row: prefix + image span, a plain forward with no cache."""
+    N, st = objective.num_tokens, objective._static()
+    image = np.where(masked, st.mask_id, codes + objective.code_start)
+    seq = np.concatenate([prefix, image])[None]
+    n = seq.shape[1]
+    span = np.zeros((1, n), np.int32)
+    span[0, len(prefix):] = 1
+    meta = Meta(jnp.ones((1, n), jnp.int32), jnp.asarray(span), jnp.arange(n, dtype=jnp.int32)[None])
+    logits, _ = model(jnp.asarray(seq, jnp.int32), meta)
+    return np.asarray(logits[0, len(prefix):, objective.code_start:objective.code_start + objective.codebook_size])
+
+
+def test_maskgit_one_step_per_token_equals_greedy_sequential_unmasking(objective, model):
+    prompts, s = ["a red circle", "two squares"], 1.5
+    N = objective.num_tokens
+    codes = np.asarray(objective.sample_codes(model, prompts, jax.random.key(0), steps=N, temperature=0.0,
+                                              guidance=s))
+    prefix, lengths = objective.t2i_prefixes(prompts)
+    b = len(prompts)
+    for r in range(b):
+        cond, uncond = prefix[r, :lengths[r]], prefix[b + r, :lengths[b + r]]
+        ref, masked = np.zeros(N, np.int64), np.ones(N, bool)
+        for _ in range(N):
+            lc = _uncached_code_logits(objective, model, cond, ref, masked)
+            lu = _uncached_code_logits(objective, model, uncond, ref, masked)
+            logp = np.asarray(jax.nn.log_softmax((1 + s) * lc - s * lu))
+            best = np.where(masked, logp.max(-1), -np.inf)
+            j = int(np.argmax(best))
+            ref[j], masked[j] = int(np.argmax(logp[j])), False
+        np.testing.assert_array_equal(codes[r], ref)
+
+
+def test_tokens_revealed_per_step_follow_the_schedule(objective, model):
+    N, steps = objective.num_tokens, 5
+    _, history = objective.sample_codes(model, ["a circle"], jax.random.key(1), steps=steps, return_history=True)
+    left = np.asarray(history)[:, 0]
+    expect, now = [], N
+    for i in range(steps):
+        n = 0 if i == steps - 1 else int(np.clip(np.floor(N * np.cos(np.pi / 2 * (i + 1) / steps)), 1, now - 1))
+        expect.append(n)
+        now = n
+    assert list(left) == expect and left[-1] == 0
+
+
+def test_guidance_zero_equals_the_conditional_prediction(objective, model):
+    prompts = ["a blue square"]
+    st = objective._static(guidance=0.0)
+    prefix, lengths = objective.t2i_prefixes(prompts)
+    graphdef, params = nnx.split(model)
+    m = nnx.merge(graphdef, params)
+    cache = m.decoder.init_cache(prefix.shape[0], prefix.shape[1])
+    _, cache = m(jnp.asarray(prefix), showo._rows_meta(jnp.asarray(lengths), prefix.shape[1]), cache, True)
+    N = objective.num_tokens
+    codes = np.random.default_rng(0).integers(0, objective.codebook_size, (1, N))
+    masked = np.random.default_rng(1).random((1, N)) < 0.5
+    guided = showo.guided_code_logits(m, jnp.asarray(codes), jnp.asarray(masked), jnp.asarray(lengths), cache, st)
+    cond = _uncached_code_logits(objective, model, prefix[0, :lengths[0]], codes[0], masked[0])
+    np.testing.assert_allclose(np.asarray(guided)[0], cond, rtol=1e-4, atol=1e-5)
+    strong = showo.guided_code_logits(m, jnp.asarray(codes), jnp.asarray(masked), jnp.asarray(lengths), cache,
+                                      objective._static(guidance=3.0))
+    assert not np.allclose(np.asarray(strong)[0], cond, atol=1e-3)
+
+
+def test_inpainting_keeps_the_codes_outside_the_region(objective, model, example):
+    images = np.stack([example["image"]] * 2)
+    g = objective.ts.grid
+    region = np.zeros((2, g, g), bool)
+    region[:, : g // 2] = True  # top half
+    known = objective.tokenize(model, images)
+    prefix_rng = jax.random.key(3)
+    codes = objective.sample_codes(model, ["a circle", "a square"], prefix_rng, codes=known,
+                                   masked=region.reshape(2, -1))
+    codes = np.asarray(codes)
+    keep = ~region.reshape(2, -1)
+    np.testing.assert_array_equal(codes[keep], known[keep])
+    out = objective.inpaint(model, ["a circle", "a square"], images, region, prefix_rng)
+    assert out.shape == images.shape and out.dtype == np.uint8
+
+
+def test_understanding_decodes_text(objective, model, example):
+    images = np.stack([example["image"]] * 2)
+    caps = objective.caption_images(model, images, jax.random.key(0))
+    answers = objective.answer_questions(model, images, ["what color is the circle?", "how many objects are there?"],
+                                         jax.random.key(0))
+    assert len(caps) == 2 and all(isinstance(c, str) for c in caps) and len(answers) == 2
