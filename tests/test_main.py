@@ -75,3 +75,43 @@ def test_corrupt_image_is_named(trained, tmp_path):
     bad.write_bytes(b"not an image")
     p = run(*TINY, f"--workdir={trained}", "--mode=sample", f"--image={bad}", check=False)
     assert p.returncode == 2 and "not a readable image" in p.stderr
+
+
+SHOWO = [
+    "--config=configs/showo_tiny.py", "--config.model.num_layers=1", "--config.model.d_model=32",
+    "--config.model.num_heads=2", "--config.model.num_kv_heads=2", "--config.model.head_dim=16",
+    "--config.model.mlp_dim=64", "--config.image.resolution=16", "--config.image_tokenizer.image.resolution=16",
+    "--config.image_tokenizer.image_tokenizer.channels=8,16", "--config.image_tokenizer.train.steps=2",
+    "--config.image_tokenizer.train.mfu=False", "--config.image_tokenizer.data.batch_size=8",
+    "--config.data.batch_size=8", "--config.train.steps=2", "--config.train.checkpoint_every=2",
+    "--config.train.final_eval=False", "--config.train.mfu=False", "--config.sampling.sample_steps=2",
+    "--config.sampling.max_new_tokens=4", "--config.mesh.shape.data=1", "--config.image_tokenizer.mesh.shape.data=1",
+]
+
+
+def test_showo_trains_its_tokenizer_first_then_samples_answers_and_inpaints(tmp_path):
+    workdir = tmp_path / "showo"
+    p = run(*SHOWO, f"--workdir={workdir}")
+    assert "training it first" in p.stdout and "step 2/2" in p.stdout
+    assert (workdir / "image_tokenizer" / "checkpoints" / "2").is_dir() and (workdir / "checkpoints" / "2").is_dir()
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((16, 16, 3), 255, np.uint8)).save(img)
+    out = tmp_path / "out"
+    p = run(*SHOWO, f"--workdir={workdir}", "--mode=sample", f"--image={img}", "--question=how many objects are there?",
+            f"--out={out}")
+    lines = p.stdout.strip().splitlines()
+    assert lines[0].startswith(f"{img}:") and lines[1].startswith(f"{img}: how many objects are there? ->")
+    p = run(*SHOWO, f"--workdir={workdir}", "--mode=sample", f"--image={img}", "--prompt=a red square",
+            "--inpaint_box=0,0,8,16", "--num_samples=2", f"--out={out}")
+    assert sorted(x.name for x in out.iterdir()) == ["inpaint_000.png", "inpaint_001.png"]
+    p = run(*SHOWO, f"--workdir={workdir}", "--mode=sample", f"--image={img}", "--prompt=a red square",
+            "--inpaint_box=0,0,8,99", check=False)
+    assert p.returncode != 0 and "--inpaint_box=0,0,8,99" in p.stderr
+
+
+def test_transfusion_does_not_inpaint(trained, tmp_path):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    p = run(*TINY, f"--workdir={trained}", "--mode=sample", f"--image={img}", "--prompt=a red square",
+            "--inpaint_box=0,0,8,8", check=False)
+    assert p.returncode != 0 and "does not inpaint" in p.stderr

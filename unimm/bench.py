@@ -35,7 +35,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the t
 def benchmark(config, steps: int = 10) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(config, tmp)
-        state = tr.init_state()
+        state = tr.init_state(load_pretrained=False)  # frozen parts (tokenizers) at their random init
         step_fn = tr.make_step(state)
         if config.data.source == "synthetic":
             local = tr.objective.synthetic_batch(config.data.batch_size // jax.process_count(), config.seed)

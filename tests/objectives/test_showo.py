@@ -111,7 +111,7 @@ def test_maskgit_one_step_per_token_equals_greedy_sequential_unmasking(objective
     prompts, s = ["a red circle", "two squares"], 1.5
     N = objective.num_tokens
     codes = np.asarray(objective.sample_codes(model, prompts, jax.random.key(0), steps=N, temperature=0.0,
-                                              guidance=s))
+                                              confidence_noise=0.0, guidance=s))
     prefix, lengths = objective.t2i_prefixes(prompts)
     b = len(prompts)
     for r in range(b):

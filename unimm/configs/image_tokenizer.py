@@ -9,7 +9,7 @@ from unimm.configs.common import base_config
 
 def tokenizer_section(**overrides) -> ml_collections.ConfigDict:
     s = dict(channels=(32, 64, 128), blocks=1, quantizer="vq", codebook_size=256, code_dim=16, beta=0.25,
-             ema_decay=0.99, restart_threshold=0.03, usage_decay=0.99, entropy_weight=0.1, diversity_weight=1.0,
+             ema_decay=0.99, restart_threshold=0.03, usage_decay=0.9, entropy_weight=0.1, diversity_weight=1.0,
              temperature=0.1)
     s.update(overrides)
     return ml_collections.ConfigDict(s)
@@ -23,7 +23,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     c.image_tokenizer = tokenizer_section()
     c.data.batch_size = 32
     c.optim.update(learning_rate=1e-3, warmup_steps=50, weight_decay=0.0, b2=0.99)
-    c.train.update(steps=800, log_every=50, checkpoint_every=400)
+    c.train.update(steps=700, log_every=50, checkpoint_every=350)
     c.eval.update(num_understanding=64)
     return c
 

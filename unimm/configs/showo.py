@@ -26,7 +26,7 @@ def recipe_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         max_text_len=24, t2i_ratio=0.5, mmu_ratio=0.4, lm_ratio=0.1, t2i_loss_weight=1.0, mmu_loss_weight=1.0,
         lm_loss_weight=0.1, ntp_weight=1.0, cond_dropout=0.1, qa_prob=0.5, z_loss=0.0))
     c.sampling = ml_collections.ConfigDict(dict(
-        sample_steps=16, guidance_scale=1.75, sample_temperature=1.0, max_new_tokens=24, temperature=0.0))
+        sample_steps=16, guidance_scale=1.75, sample_temperature=1.0, confidence_noise=4.5, max_new_tokens=24, temperature=0.0))
     return c
 
 
@@ -35,9 +35,10 @@ def tiny_config() -> ml_collections.ConfigDict:
     first, in <workdir>/image_tokenizer), a 4-layer decoder."""
     c = recipe_sections(base_config())
     c.model.update(num_layers=4, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768)
-    c.data.batch_size = 32
+    c.showo.update(max_text_len=20, t2i_ratio=0.6, mmu_ratio=0.3, lm_ratio=0.1)
+    c.data.batch_size = 16
     c.optim.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)
-    c.train.update(steps=2000, log_every=50, checkpoint_every=500)
+    c.train.update(steps=1400, log_every=50, checkpoint_every=500)
     c.eval.update(images_per_category=16, num_understanding=64)
     return c
 

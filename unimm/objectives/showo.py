@@ -69,7 +69,8 @@ class Settings:
     # sampling
     sample_steps: int = 16
     guidance_scale: float = 1.75
-    sample_temperature: float = 1.0  # MaskGIT: code sampling and confidence noise (0: greedy)
+    sample_temperature: float = 1.0  # MaskGIT code sampling (0: greedy)
+    confidence_noise: float = 4.5  # Gumbel noise on confidences, annealed to 0 (MaskGIT's choice temperature)
     max_new_tokens: int = 24
     temperature: float = 0.0  # text decoding
 
@@ -164,6 +165,7 @@ class _SampleStatic:
     steps: int
     guidance: float
     temperature: float
+    confidence_noise: float
 
 
 def _rows_meta(lengths, length):
@@ -211,7 +213,7 @@ def _unmask_loop(model, cache, start, codes, masked, rng, st: _SampleStatic):
             sampled = jnp.argmax(logits, -1).astype(jnp.int32)
         conf = jnp.take_along_axis(logp, sampled[..., None], -1)[..., 0]
         # MaskGIT's confidence noise, annealed to 0 over the steps.
-        anneal = st.temperature * (1.0 - (i + 1) / st.steps)
+        anneal = st.confidence_noise * (1.0 - (i + 1) / st.steps)
         conf = conf + anneal * jax.random.gumbel(r_conf, conf.shape)
         conf = jnp.where(masked, conf, jnp.inf)
         n_left = num_still_masked(i, st.steps, total, masked.sum(-1))
@@ -443,13 +445,15 @@ class Showo(Objective):
                                    jax.ShapeDtypeStruct((1, r, r, 3), jnp.uint8))
 
     # -- sampling --------------------------------------------------------------
-    def _static(self, guidance=None, steps=None, temperature=None) -> _SampleStatic:
+    def _static(self, guidance=None, steps=None, temperature=None, confidence_noise=None) -> _SampleStatic:
         s = self.s
         return _SampleStatic(num_tokens=self.num_tokens, code_start=self.code_start,
                              codebook_size=self.codebook_size, mask_id=self.ids["mask"],
                              steps=int(steps or s.sample_steps),
                              guidance=float(s.guidance_scale if guidance is None else guidance),
-                             temperature=float(s.sample_temperature if temperature is None else temperature))
+                             temperature=float(s.sample_temperature if temperature is None else temperature),
+                             confidence_noise=float(s.confidence_noise if confidence_noise is None
+                                                    else confidence_noise))
 
     def _pad(self, seqs):
         lengths = np.array([len(q) for q in seqs], np.int32)

@@ -34,7 +34,7 @@ class ImageTokenizerSettings:
     beta: float = 0.25  # commitment weight
     ema_decay: float = 0.99  # vq: 0 trains the codebook by gradient (straight-through), else EMA
     restart_threshold: float = 0.03  # vq: restart codes used less than this fraction of a uniform share
-    usage_decay: float = 0.99
+    usage_decay: float = 0.9  # of the running code shares: dead codes are found within tens of steps
     entropy_weight: float = 0.1  # lfq
     diversity_weight: float = 1.0  # lfq
     temperature: float = 0.1  # lfq

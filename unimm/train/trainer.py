@@ -166,8 +166,10 @@ class Trainer:
             opt_sh = opt_state_shardings(opt_state, params, param_sh, self.replicated)
         return TrainState(graphdef, params, opt_state, param_sh, opt_sh)
 
-    def init_state(self, with_optimizer: bool = True) -> TrainState:
-        """Freshly initialised params (and optimizer state), created sharded."""
+    def init_state(self, with_optimizer: bool = True, load_pretrained: bool = True) -> TrainState:
+        """Freshly initialised params (and optimizer state), created sharded; the
+        objective's pretrained parts are loaded unless `load_pretrained` is False
+        (benchmarks: timing needs no trained weights)."""
         state = self.abstract_state(with_optimizer)
         seed = self.config.seed
 
@@ -176,7 +178,7 @@ class Trainer:
 
         with ax.sharding_context(self.mesh, self.rules):
             state.params = jax.jit(init, out_shardings=state.param_shardings)()
-        for dep in self.dependencies():
+        for dep in self.dependencies() if load_pretrained else ():
             state.params[dep.key] = self.load_subtree(dep.key, dep.workdir, state)
         if with_optimizer:
             state.opt_state = jax.jit(self.optimizer.init, out_shardings=state.opt_shardings)(state.params)
