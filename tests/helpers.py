@@ -16,14 +16,9 @@ def randomize_zero_inits(model, seed=1):
     return model
 
 
-def tiny_transfusion_config(**overrides):
-    """A Transfusion config small enough to compile in seconds."""
-    from unimm.configs.transfusion import tiny_config
-
-    c = tiny_config()
-    c.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, qk_norm=True)
-    c.image.update(resolution=16, patch_size=4, io="linear")
-    c.transfusion.update(max_text_len=16)
+def _short_run(c, overrides: dict):
+    """A recipe config trained for 4 steps of batch 8 on one device, sampled cheaply,
+    then `overrides` ({section: {key: value}}) applied."""
     c.sampling.update(sample_steps=4, max_new_tokens=6)
     c.data.update(batch_size=8, num_threads=1, prefetch=2)
     c.optim.update(learning_rate=3e-3, warmup_steps=2)
@@ -33,6 +28,17 @@ def tiny_transfusion_config(**overrides):
     for section, values in overrides.items():
         c[section].update(values)
     return c
+
+
+def tiny_transfusion_config(**overrides):
+    """A Transfusion config small enough to compile in seconds."""
+    from unimm.configs.transfusion import tiny_config
+
+    c = tiny_config()
+    c.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, qk_norm=True)
+    c.image.update(resolution=16, patch_size=4, io="linear")
+    c.transfusion.update(max_text_len=16)
+    return _short_run(c, overrides)
 
 
 def tiny_tokenizer_config(**overrides):
@@ -61,12 +67,4 @@ def tiny_showo_config(tokenizer_workdir: str = "", **overrides):
     c.image_tokenizer = with_workdir(tiny_tokenizer_config())
     c.image_tokenizer.workdir = str(tokenizer_workdir)
     c.showo.update(max_text_len=20)
-    c.sampling.update(sample_steps=4, max_new_tokens=6)
-    c.data.update(batch_size=8, num_threads=1, prefetch=2)
-    c.optim.update(learning_rate=3e-3, warmup_steps=2)
-    c.train.update(steps=4, log_every=1, checkpoint_every=2, final_eval=False, tensorboard=False, mfu=False)
-    c.eval.update(images_per_category=1, num_understanding=2, batch_size=8)
-    c.mesh.shape.update(data=1, fsdp=1, tensor=1)
-    for section, values in overrides.items():
-        c[section].update(values)
-    return c
+    return _short_run(c, overrides)

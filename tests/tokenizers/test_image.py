@@ -41,13 +41,16 @@ def test_round_trip(trained):
     assert got >= blank + 6.0, (got, blank)  # measured: 23 dB after 300 steps against 14 dB
     assert record["psnr"] == pytest.approx(got, abs=1e-3)
     again = model.tokenize(jnp.round((rec + 1) * 127.5).astype(jnp.uint8))
-    assert float(jnp.mean(again == codes)) >= 0.7  # measured 0.83
+    # Chance agreement is about 1/perplexity (1/44); measured 0.70 with usage decay 0.9
+    # (more codes in use, closer neighbours) and 0.83 with 0.99.
+    assert float(jnp.mean(again == codes)) >= 0.5
 
 
 def test_codebook_stays_in_use(trained):
     """The 32 evaluation scenes hold 345 distinct 2x2 pixel patches (8 levels per
     channel) for 64 codes, so a working codebook uses most of its codes; a
-    collapsed one uses a handful. Measured: 80%; the bar is half."""
+    collapsed one uses a handful. Measured: 100% (perplexity 44) with usage decay 0.9,
+    80% (perplexity 17) with 0.99; the bar is half."""
     tr, model, record = trained
     assert record["usage"] >= 0.5, record
     assert record["perplexity"] >= 8.0, record

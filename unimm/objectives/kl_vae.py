@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from unimm.data.pipeline import EvalSet
-from unimm.eval.reconstruction import psnr, save_grid, to_uint8
-from unimm.nn import flops as flops_lib
+from unimm.eval.reconstruction import psnr
 from unimm.nn.autoencoder import KLAutoencoder
-from unimm.objectives.base import ArraySpec, Objective, Stream
+from unimm.objectives.images_only import ImagesOnlyObjective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,30 +61,18 @@ def _reconstruct(graphdef, params, images):
     return rec, z, psnr(rec, x)
 
 
-class KLVAE(Objective):
+class KLVAE(ImagesOnlyObjective):
     name = "kl_vae"
 
     def __init__(self, config, shapes_only: bool = False):
         super().__init__(config, shapes_only)
         self.s = AutoencoderSettings.from_config(config)
 
-    @property
-    def resolution(self) -> int:
-        return self.s.resolution
-
     def make_model(self, rngs: nnx.Rngs) -> KLAutoencoder:
         return self.s.make(rngs)
 
-    def example_spec(self):
-        r = self.s.resolution
-        return {"images": ArraySpec((r, r, 3), np.uint8, ("batch", None, None, None))}
-
-    def streams(self):
-        return [Stream("images", 1.0, lambda exs, rng: {"images": exs[0]["image"]})]
-
-    def synthetic_batch(self, batch_size: int, seed: int = 0):
-        r = self.s.resolution
-        return {"images": np.random.default_rng(seed).integers(0, 256, (batch_size, r, r, 3), dtype=np.uint8)}
+    def forward(self, model, x):
+        return model.decode(model.encode(x)[0])
 
     def loss(self, model, batch, rng):
         x = batch["images"].astype(jnp.float32) / 127.5 - 1.0
@@ -98,37 +82,12 @@ class KLVAE(Objective):
         loss = l1 + self.s.kl_weight * jnp.mean(kl)
         return loss, {"l1": l1, "kl": jnp.mean(kl), "psnr": jnp.mean(psnr(jnp.clip(rec, -1, 1), x))}
 
-    def tokens_per_batch(self, batch) -> int:
-        return int(np.prod(np.asarray(batch["images"]).shape[:3]))  # pixels
-
-    @functools.cached_property
-    def _forward_flops(self) -> float:
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: self.make_model(nnx.Rngs(0))))
-        r = self.s.resolution
-
-        def run(state, x):
-            m = nnx.merge(graphdef, state)
-            return m.decode(m.encode(x)[0])
-
-        return flops_lib.xla_flops(run, state, jax.ShapeDtypeStruct((1, r, r, 3), jnp.float32))
-
-    def flops_per_batch(self, batch) -> float:
-        return flops_lib.TRAIN_MULTIPLIER * len(batch["images"]) * self._forward_flops
-
     def evaluate(self, model, step, rng, workdir=None) -> dict:
-        e = self.config.eval
-        exs = EvalSet.make(self.config.data, self.s.resolution, e.num_understanding).examples
-        images = np.stack([x["image"] for x in exs])
-        graphdef, params = nnx.split(model)
-        rec, z, p = _reconstruct(graphdef, params, images)
+        images = self.eval_images()
+        rec, z, p = _reconstruct(*nnx.split(model), images)
         record = {"step": step, "psnr": float(jnp.mean(p)), "latent_std": float(jnp.std(z)),
-                  "latent_scale": float(1.0 / jnp.maximum(jnp.std(z), 1e-6)), "n": len(exs)}
-        if workdir is not None:
-            from unimm.eval.harness import write_record
-
-            workdir = pathlib.Path(workdir)
-            write_record(workdir, step, record)
-            save_grid(workdir / "samples" / f"step_{step:06d}.png", images, to_uint8(rec))
+                  "latent_scale": float(1.0 / jnp.maximum(jnp.std(z), 1e-6)), "n": len(images)}
+        self.write_eval(workdir, step, record, images, rec)
         return record
 
     def format_eval(self, record):
