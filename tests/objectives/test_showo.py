@@ -8,6 +8,7 @@ from helpers import randomize_zero_inits, tiny_showo_config
 from unimm import objectives
 from unimm.data.shapes import ShapesSource
 from unimm.nn.attention import Meta
+from unimm.nn.decoding import prefix_meta
 from unimm.objectives import showo
 
 
@@ -146,7 +147,7 @@ def test_guidance_zero_equals_the_conditional_prediction(objective, model):
     graphdef, params = nnx.split(model)
     m = nnx.merge(graphdef, params)
     cache = m.decoder.init_cache(prefix.shape[0], prefix.shape[1])
-    _, cache = m(jnp.asarray(prefix), showo._rows_meta(jnp.asarray(lengths), prefix.shape[1]), cache, True)
+    _, cache = m(jnp.asarray(prefix), prefix_meta(jnp.asarray(lengths), prefix.shape[1]), cache, True)
     N = objective.num_tokens
     codes = np.random.default_rng(0).integers(0, objective.codebook_size, (1, N))
     masked = np.random.default_rng(1).random((1, N)) < 0.5

@@ -9,6 +9,7 @@ from unimm import objectives
 from unimm.data.shapes import ShapesSource
 from unimm.nn import diffusion as diff
 from unimm.nn.attention import Meta
+from unimm.nn.decoding import prefix_meta
 from unimm.nn.flops import attention_pairs
 from unimm.objectives import transfusion as tf
 
@@ -141,7 +142,7 @@ def test_cfg_scale_one_equals_the_conditional_prediction(objective, model):
     bos, boi = objective.tok.bos_id, objective.boi
     prefix, lengths = objective._pad([[bos] + objective.tok.encode("a blue square") + [boi], [bos, boi]])
     cache = model.decoder.init_cache(2, prefix.shape[1])
-    _, cache = model.decoder(model.embed(prefix), tf._prefix_meta(jnp.asarray(lengths), prefix.shape[1]), cache,
+    _, cache = model.decoder(model.embed(prefix), prefix_meta(jnp.asarray(lengths), prefix.shape[1]), cache,
                              True)
     x = jax.random.normal(jax.random.key(1), (1,) + objective.s.image_shape)
     meta = tf._image_meta(jnp.asarray(lengths), objective.s.num_patches, jnp.ones((2,), bool))

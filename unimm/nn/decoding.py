@@ -12,6 +12,9 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from unimm.nn.attention import Meta
 
 
 def pick(logits: jax.Array, rng: jax.Array, temperature: float) -> jax.Array:
@@ -56,3 +59,19 @@ def decode(step: Callable, state, first_logits: jax.Array, start_position: jax.A
     carry = (jnp.int32(1), state, tok, done, out, lengths, rng)
     _, state, _, _, out, lengths, _ = jax.lax.while_loop(cond, body, carry)
     return out, lengths, state
+
+
+def pad_rows(seqs: Sequence[Sequence[int]], pad_id: int):
+    """Right-pad token lists into (N, max length) int32 and their lengths (N,)."""
+    lengths = np.array([len(q) for q in seqs], np.int32)
+    out = np.full((len(seqs), int(lengths.max())), pad_id, np.int32)
+    for i, q in enumerate(seqs):
+        out[i, :len(q)] = q
+    return out, lengths
+
+
+def prefix_meta(lengths, length: int) -> Meta:
+    """Metadata of right-padded prompts (B, length): causal text, padding as segment 0."""
+    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (lengths.shape[0], length))
+    seg = (pos < lengths[:, None]).astype(jnp.int32)
+    return Meta(seg, jnp.zeros_like(seg), pos)

@@ -39,7 +39,7 @@ from flax import nnx
 
 from unimm.nn import flops as flops_lib
 from unimm.nn.attention import KVCache, Meta
-from unimm.nn.decoding import decode
+from unimm.nn.decoding import decode, pad_rows, prefix_meta
 from unimm.nn.layers import Embed, Linear
 from unimm.nn.losses import cross_entropy
 from unimm.nn.transformer import Decoder, DecoderConfig
@@ -168,12 +168,6 @@ class _SampleStatic:
     confidence_noise: float
 
 
-def _rows_meta(lengths, length):
-    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (lengths.shape[0], length))
-    seg = (pos < lengths[:, None]).astype(jnp.int32)
-    return Meta(seg, jnp.zeros_like(seg), pos)
-
-
 def _image_meta(start, n):
     b = start.shape[0]
     one = jnp.ones((b, n), jnp.int32)
@@ -231,7 +225,7 @@ def _sample_codes(graphdef, params, prefix, lengths, codes, masked, rng, *, st: 
     """prefix (2B, Lp): B conditional prompts then B unconditional ones, each ending in [SOI]."""
     model = nnx.merge(graphdef, params)
     cache = model.decoder.init_cache(prefix.shape[0], prefix.shape[1])
-    _, cache = model(prefix, _rows_meta(lengths, prefix.shape[1]), cache, update_cache=True)
+    _, cache = model(prefix, prefix_meta(lengths, prefix.shape[1]), cache, update_cache=True)
     return _unmask_loop(model, cache, lengths, codes, masked, rng, st)
 
 
@@ -250,7 +244,7 @@ def _detokenize(graphdef, params, codes):
 def _prefill(graphdef, params, tokens, lengths, span, *, cache_len):
     model = nnx.merge(graphdef, params)
     cache = model.decoder.init_cache(tokens.shape[0], cache_len)
-    meta = _rows_meta(lengths, tokens.shape[1])
+    meta = prefix_meta(lengths, tokens.shape[1])
     logits, cache = model(tokens, Meta(meta.segment, span, meta.position), cache, update_cache=True)
     return logits[jnp.arange(tokens.shape[0]), lengths - 1], cache
 
@@ -456,11 +450,7 @@ class Showo(Objective):
                                                     else confidence_noise))
 
     def _pad(self, seqs):
-        lengths = np.array([len(q) for q in seqs], np.int32)
-        out = np.full((len(seqs), int(lengths.max())), self.pad_id, np.int32)
-        for i, q in enumerate(seqs):
-            out[i, :len(q)] = q
-        return out, lengths
+        return pad_rows(seqs, self.pad_id)
 
     def t2i_prefixes(self, prompts: Sequence[str]):
         """Padded [T2I] [SOT] text [EOT] [SOI] prefixes: the prompts', then as many unconditional ones."""

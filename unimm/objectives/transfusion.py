@@ -35,7 +35,7 @@ from unimm.nn import diffusion as diff
 from unimm.nn import flops as flops_lib
 from unimm.nn.attention import KVCache, Meta
 from unimm.nn.autoencoder import KLAutoencoder
-from unimm.nn.decoding import decode
+from unimm.nn.decoding import decode, pad_rows, prefix_meta
 from unimm.nn.image_io import make_image_io
 from unimm.nn.layers import Embed, Linear
 from unimm.nn.losses import cross_entropy
@@ -253,12 +253,6 @@ class _SampleStatic:
     schedule: str
 
 
-def _prefix_meta(lengths, length):
-    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (lengths.shape[0], length))
-    seg = (pos < lengths[:, None]).astype(jnp.int32)
-    return Meta(seg, jnp.zeros_like(seg), pos)
-
-
 def _image_meta(start, num_patches, active):
     """Metadata of an image span starting at `start` (B,); inactive rows get segment 0."""
     b = start.shape[0]
@@ -304,7 +298,7 @@ def _sample_images(graphdef, params, prefix, lengths, rng, *, st: _SampleStatic)
     """prefix (2B, Lp): B conditional prompts then B unconditional ones, each ending in BOI."""
     model = nnx.merge(graphdef, params)
     cache = model.decoder.init_cache(prefix.shape[0], prefix.shape[1])
-    _, cache = model.decoder(model.embed(prefix), _prefix_meta(lengths, prefix.shape[1]), cache, True)
+    _, cache = model.decoder(model.embed(prefix), prefix_meta(lengths, prefix.shape[1]), cache, True)
     return _denoise_loop(model, cache, lengths, st, rng)
 
 
@@ -324,7 +318,7 @@ def _decode_text(graphdef, params, cache, first_logits, start, rng, *, max_new, 
 def _prefill_text(graphdef, params, tokens, lengths, *, cache_len):
     model = nnx.merge(graphdef, params)
     cache = model.decoder.init_cache(tokens.shape[0], cache_len)
-    logits, cache = model.text(tokens, _prefix_meta(lengths, tokens.shape[1]), cache)
+    logits, cache = model.text(tokens, prefix_meta(lengths, tokens.shape[1]), cache)
     return logits[jnp.arange(tokens.shape[0]), lengths - 1], cache
 
 
@@ -583,11 +577,7 @@ class Transfusion(Objective):
             num_timesteps=s.num_timesteps, schedule=s.schedule)
 
     def _pad(self, seqs: Sequence[Sequence[int]]):
-        lengths = np.array([len(q) for q in seqs], np.int32)
-        out = np.full((len(seqs), int(lengths.max())), self.tok.pad_id, np.int32)
-        for i, q in enumerate(seqs):
-            out[i, :len(q)] = q
-        return out, lengths
+        return pad_rows(seqs, self.tok.pad_id)
 
     def from_model_space(self, x, model: Optional[TransfusionModel] = None) -> np.ndarray:
         if self.s.latent == "kl_vae":

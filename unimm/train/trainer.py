@@ -125,6 +125,7 @@ class Trainer:
         self.config, self.workdir = config, pathlib.Path(workdir)
         self.devices = devices
         self._dependencies = None
+        self._buffer_paths = None
         self.primary = jax.process_index() == 0
         self.objective = objectives.build(config, shapes_only=shapes_only)
         self.mesh = mesh_lib.make_mesh(config.mesh.shape, devices)
@@ -149,9 +150,11 @@ class Trainer:
 
     def buffer_paths(self) -> tuple[str, ...]:
         """Paths ('a/b/c') of the model's buffers: in the params tree, never trained."""
-        model = nnx.eval_shape(lambda: self.objective.make_model(nnx.Rngs(self.config.seed)))
-        flat = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, ax.Buffer)))
-        return tuple(optim_lib.path_name(p) for p, _ in flat)
+        if self._buffer_paths is None:
+            model = nnx.eval_shape(lambda: self.objective.make_model(nnx.Rngs(self.config.seed)))
+            flat = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, ax.Buffer)))
+            self._buffer_paths = tuple(optim_lib.path_name(p) for p, _ in flat)
+        return self._buffer_paths
 
     def abstract_state(self, with_optimizer: bool = True) -> TrainState:
         """Shapes, dtypes and shardings of params (and optimizer state); no arrays."""
