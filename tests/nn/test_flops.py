@@ -23,3 +23,18 @@ def test_attention_pairs_counts_exactly_what_the_mask_allows():
                 cur, doc = cur + n, doc + 1
         mask = np.asarray(attention_mask(seg, span, pos, seg, span, pos))
         assert attention_pairs(seg, span) == int(mask.sum())
+
+
+def test_xla_flops_counts_a_matmul_and_reads_every_analysis_form():
+    import jax
+    import jax.numpy as jnp
+
+    from unimm.nn.flops import _flops_of, xla_flops
+
+    n = 32
+    flops = xla_flops(lambda a, b: a @ b, *[jax.ShapeDtypeStruct((n, n), jnp.float32)] * 2)
+    assert flops == 2 * n ** 3
+    # Backends answer a dict, a list of dicts, or nothing (the GPU backend for a lowering).
+    assert _flops_of({"flops": 5.0}) == 5.0
+    assert _flops_of([{"flops": 7.0}]) == 7.0
+    assert _flops_of(None) is None and _flops_of([]) is None and _flops_of({"bytes accessed": 1.0}) is None

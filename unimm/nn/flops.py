@@ -7,6 +7,8 @@ not recomputation from rematerialisation, as in PaLM's MFU.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import numpy as np
 
@@ -44,13 +46,29 @@ def dense_flops(tokens: int, fan_in: int, fan_out: int) -> float:
     return 2.0 * tokens * fan_in * fan_out
 
 
-def xla_flops(fn, *abstract_args) -> float:
-    """FLOPs XLA counts in `fn`'s unoptimised program (for conv stacks and other
-    layers whose arithmetic is tedious to write down). Lowers, never runs."""
-    analysis = jax.jit(fn).lower(*abstract_args).cost_analysis()
+def _flops_of(analysis) -> Optional[float]:
     if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0]
-    return float(analysis.get("flops", 0.0))
+        analysis = analysis[0] if analysis else None
+    return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def xla_flops(fn, *abstract_args) -> float:
+    """FLOPs XLA counts in `fn`'s program (for conv stacks and other layers whose
+    arithmetic is tedious to write down). Never runs it.
+
+    The unoptimised program's count where the backend gives one (CPU, TPU); the
+    GPU backend gives none for a lowering, so there the compiled program's, and
+    failing that the count of a CPU lowering."""
+    lowered = jax.jit(fn).lower(*abstract_args)
+    flops = _flops_of(lowered.cost_analysis())
+    if flops is None:
+        flops = _flops_of(lowered.compile().cost_analysis())
+    if flops is None:
+        with jax.default_device(jax.devices("cpu")[0]):
+            flops = _flops_of(jax.jit(fn).lower(*abstract_args).compile().cost_analysis())
+    if flops is None:
+        raise RuntimeError(f"XLA gave no FLOP count for {getattr(fn, '__name__', fn)!r}")
+    return flops
 
 
 TRAIN_MULTIPLIER = 3.0  # backward is twice the forward
