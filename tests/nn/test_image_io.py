@@ -113,3 +113,34 @@ def test_refine_blocks_read_the_noisy_input():
     assert not np.allclose(io.decode(tokens, None, ctx), io.decode(tokens, None, ctx2))  # same tokens, other x_t
     with pytest.raises(ValueError, match="refine_channels"):
         make_image_io("linear", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0), refine_blocks=1)
+
+
+def test_resblock_conditioning_survives_one_channel_groups():
+    from helpers import randomize_zero_inits
+    from unimm.nn.image_io import ResBlock
+
+    # 8 channels -> 8 GroupNorm groups of one channel: an embedding added before the
+    # norm would be removed exactly; the scale-shift after it is not.
+    block = randomize_zero_inits(ResBlock(8, 8, 4, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8))
+    assert np.abs(block(x, jnp.ones((1, 4))) - block(x, -jnp.ones((1, 4)))).mean() > 0.1
+
+
+def test_unet_global_conditioning_reaches_every_pixel():
+    from helpers import randomize_zero_inits
+
+    far_change = {}
+    for global_cond in (False, True):
+        io = make_image_io("unet", (32, 32, 3), 4, 24, rngs=nnx.Rngs(0), channels=(8, 8, 16), skips=True,
+                           global_cond=global_cond)
+        randomize_zero_inits(io)
+        if global_cond:  # a trained projection, strong enough to see past GroupNorm's global coupling
+            io.global_cond.kernel[...] = io.global_cond.kernel[...] * 30
+        x = jax.random.normal(jax.random.key(0), (1, 32, 32, 3))
+        tokens, ctx = io.encode(x, jnp.array([300]))
+        d = np.abs(np.asarray(io.decode(tokens, None, ctx) - io.decode(tokens.at[:, 0].add(1.0), None, ctx)))
+        assert d[:, :4, :4].mean() > 0.02  # the changed top-left token redraws its own patch
+        far_change[global_cond] = d[:, 24:, 24:].mean()  # the opposite corner
+    # Without global conditioning a token reaches its conv neighbourhood (and the far corner
+    # only through GroupNorm's statistics); with it, the mean output conditions every block.
+    assert far_change[True] > 3 * far_change[False], far_change

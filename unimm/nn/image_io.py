@@ -114,21 +114,27 @@ class GroupNorm(nnx.Module):
 
 
 class ResBlock(nnx.Module):
-    """GroupNorm-SiLU-Conv twice, with a conditioning embedding (e.g. the
-    timestep) added in between when `tdim` is given."""
+    """GroupNorm-SiLU-Conv twice; with `tdim`, a conditioning embedding (e.g. the
+    timestep) scales and shifts the second norm's output (ADM's scale-shift norm).
+
+    Not added before that norm, as DDPM does: a per-channel constant is exactly
+    what GroupNorm removes, entirely when a group is one channel wide (8 groups
+    of 8 channels) and mostly at 2 per group, so narrow blocks would never see it."""
 
     def __init__(self, cin: int, cout: int, tdim: Optional[int] = None, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.norm1, self.norm2 = GroupNorm(cin), GroupNorm(cout)
         self.conv1 = Conv(cin, cout, rngs=rngs, dtype=dtype)
         self.conv2 = Conv(cout, cout, rngs=rngs, dtype=dtype, zero_init=True)
-        self.temb = Linear(tdim, cout, ("embed", "conv"), rngs=rngs, dtype=dtype, use_bias=True) if tdim else None
+        self.temb = (Linear(tdim, 2 * cout, ("embed", "conv"), rngs=rngs, dtype=dtype, use_bias=True)
+                     if tdim else None)
         self.skip = Conv(cin, cout, 1, rngs=rngs, dtype=dtype) if cin != cout else None
 
     def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
-        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = self.norm2(self.conv1(jax.nn.silu(self.norm1(x))))
         if self.temb is not None:
-            h = h + self.temb(jax.nn.silu(temb))[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
+            scale, shift = jnp.split(self.temb(jax.nn.silu(temb))[:, None, None, :].astype(h.dtype), 2, axis=-1)
+            h = h * (1.0 + scale) + shift
+        h = self.conv2(jax.nn.silu(h))
         return h + (x if self.skip is None else self.skip(x))
 
 
@@ -198,12 +204,16 @@ class UNetPatchIO(nnx.Module):
     classic U-Net, minus the token-level skip, which would duplicate the
     transformer's input); `skip_max_t` > 0 withholds them at timesteps >=
     skip_max_t. Without skips (the default) everything passes through the
-    transformer. Measured trade-offs on the scenes: docs/transfusion.md.
+    transformer. With `global_cond`, every up-path block is also conditioned on
+    the mean of the transformer's outputs over the image (added to the timestep
+    embedding, as ADM adds its class embedding), so what the text says reaches
+    every resolution, not only the token grid the skips can route around.
+    Measured trade-offs on the scenes: docs/transfusion.md.
     """
 
     def __init__(self, image_shape: Sequence[int], patch: int, dim: int, channels: Sequence[int], *,
                  rngs: nnx.Rngs, blocks: int = 1, skips: bool = False, dtype=jnp.float32,
-                 pos_embedding: str = "normal", skip_max_t: int = 0):
+                 pos_embedding: str = "normal", skip_max_t: int = 0, global_cond: bool = False):
         h, w, c = image_shape
         levels = int(round(math.log2(patch)))
         if 2**levels != patch:
@@ -222,6 +232,7 @@ class UNetPatchIO(nnx.Module):
         self.pos = position_param(pos_embedding, h // patch, w // patch, dim, rngs)
         self.out_norm = RMSNorm(dim)
         self.from_model = Linear(dim, channels[-1], ("embed", "conv"), use_bias=True, **kw)
+        self.global_cond = Linear(dim, dim, ("embed", None), use_bias=True, **kw) if global_cond else None
         self.skips, self.skip_max_t = skips, skip_max_t
         # No skip at the token resolution: it would hand the up path the very
         # features the transformer reads, and the model could ignore the text.
@@ -257,7 +268,10 @@ class UNetPatchIO(nnx.Module):
         temb, skips = context
         hh, ww, _ = self.image_shape
         g = self.patch
-        x = self.from_model(self.out_norm(h))
+        h = self.out_norm(h)
+        if self.global_cond is not None:
+            temb = temb + self.global_cond(h.mean(axis=1))
+        x = self.from_model(h)
         x = x.reshape(x.shape[0], hh // g, ww // g, x.shape[-1])
         for i in reversed(range(len(self.up))):
             blocks = self.up[i]
@@ -275,12 +289,12 @@ class UNetPatchIO(nnx.Module):
 def make_image_io(kind: str, image_shape, patch: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                   channels: Optional[Sequence[int]] = None, blocks: int = 1, skips: bool = False,
                   pos_embedding: str = "normal", refine_channels: int = 0, refine_blocks: int = 0,
-                  skip_max_t: int = 0):
+                  skip_max_t: int = 0, global_cond: bool = False):
     if kind == "linear":
         return LinearPatchIO(image_shape, patch, dim, rngs=rngs, dtype=dtype, pos_embedding=pos_embedding,
                              refine_channels=refine_channels, refine_blocks=refine_blocks)
     if kind == "unet":
         return UNetPatchIO(image_shape, patch, dim, channels or [64] * (int(math.log2(patch)) + 1),
                            rngs=rngs, blocks=blocks, skips=skips, dtype=dtype, pos_embedding=pos_embedding,
-                           skip_max_t=skip_max_t)
+                           skip_max_t=skip_max_t, global_cond=global_cond)
     raise ValueError(f"unknown image in/out layers {kind!r}; choose 'linear' or 'unet'")

@@ -61,6 +61,7 @@ class Settings:
     unet_blocks: int = 1
     unet_skips: bool = False
     unet_skip_max_t: int = 0  # > 0: skips only at timesteps below this (the noisier ones rely on the text)
+    unet_global_cond: bool = False  # condition every up-path block on the transformer's mean image output
     pos_embedding: str = "normal"  # patch positions: normal (N(0, 0.02) start) | sincos (2D sin-cos start)
     refine_channels: int = 0  # linear io: width of the conv refinement of its output (0: none)
     refine_blocks: int = 0  # linear io: 0: a conv pair on the prediction; > 0: ResBlocks on prediction + x_t
@@ -183,7 +184,7 @@ class TransfusionModel(nnx.Module):
                                       channels=s.unet_channels, blocks=s.unet_blocks, skips=s.unet_skips,
                                       pos_embedding=s.pos_embedding, refine_channels=s.refine_channels,
                                       refine_blocks=s.refine_blocks,
-                                      skip_max_t=s.unet_skip_max_t)
+                                      skip_max_t=s.unet_skip_max_t, global_cond=s.unet_global_cond)
         self.decoder = Decoder(dcfg, rngs=rngs)
         self.lm_head = Linear(dcfg.d_model, vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype)
         self.num_patches = s.num_patches
