@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.1
     c.optim.grad_clip = 1.0
     c.optim.freeze = ()  # regexes over parameter paths
+    c.optim.ema_decay = 0.0  # > 0: evaluate and sample with an EMA of the params (kept in the optimizer state)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000

@@ -362,7 +362,7 @@ class Trainer:
 
     def run_eval(self, state: TrainState, step: int, logger: Optional[MetricsLogger] = None) -> dict:
         t = time.perf_counter()
-        model = nnx.merge(state.graphdef, state.params)
+        model = nnx.merge(state.graphdef, self.eval_params(state))
         record = self.objective.evaluate(model, step, jax.random.fold_in(jax.random.key(self.config.seed + 1), step),
                                          self.workdir if self.primary else None)
         self._log(f"eval at step {step} ({time.perf_counter() - t:.0f}s):\n{self.objective.format_eval(record)}")
@@ -370,18 +370,33 @@ class Trainer:
             logger.log_eval(step, self.objective.flatten_eval(record))
         return record
 
+    def eval_params(self, state: TrainState):
+        """The params evaluation and sampling use: the optimizer's parameter EMA where
+        it keeps one (optim.ema_decay > 0), else the live params. Buffers (statistics
+        the loss writes, which the optimizer never moves) always come live."""
+        ema = optim_lib.ema_params(state.opt_state) if state.opt_state is not None else None
+        if ema is None:
+            return state.params
+        buffers = set(self.buffer_paths())
+        return jax.tree_util.tree_map_with_path(
+            lambda p, e, live: live if optim_lib.path_name(p) in buffers else e, ema, state.params)
+
     # -- restore for eval/sample -------------------------------------------------------
     def load_params(self, step: Optional[int] = None) -> TrainState:
-        """Params of a checkpoint in the workdir (the latest if `step` is None)."""
+        """Params of a checkpoint in the workdir (the latest if `step` is None): its
+        parameter EMA where the config keeps one."""
         self.dependencies()
-        state = self.abstract_state(with_optimizer=False)
+        use_ema = bool(self.config.optim.get("ema_decay", 0.0))
+        state = self.abstract_state(with_optimizer=use_ema)
         checkpointer = ckpt_lib.Checkpointer(self.workdir, use_async=False)
         try:
             if checkpointer.latest_step() is None:
                 raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first "
                                         f"(--mode=train) or point --workdir at a run")
-            state.params, _, meta = checkpointer.restore(step, state.params, state.param_shardings)
+            state.params, state.opt_state, meta = checkpointer.restore(
+                step, state.params, state.param_shardings, state.opt_state, state.opt_shardings)
         finally:
             checkpointer.close()
+        state.params, state.opt_state = self.eval_params(state), None
         self.loaded_step = int(meta["step"])
         return state

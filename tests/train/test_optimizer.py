@@ -1,0 +1,61 @@
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from unimm.train import optimizer as optim_lib
+from unimm.train.trainer import Trainer
+
+
+def test_param_ema_averages_the_updated_params_with_a_warming_decay():
+    params = {"w": jnp.array([1.0, -2.0])}
+    tx = optim_lib.param_ema(optax.sgd(0.5), decay=0.9)
+    state = tx.init(params)
+    expected = np.asarray(params["w"])
+    for n in range(30):
+        grads = {"w": jnp.array([1.0, 3.0]) * (n + 1)}
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        d = min(0.9, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * np.asarray(params["w"])
+    np.testing.assert_allclose(optim_lib.ema_params(state)["w"], expected, rtol=1e-5)
+    assert not np.allclose(expected, params["w"])  # the average lags the moving params
+    with pytest.raises(ValueError, match="ema_decay"):
+        optim_lib.param_ema(optax.sgd(0.1), decay=1.0)
+
+
+def test_ema_is_found_inside_the_full_optimizer_chain():
+    o = ml_collections.ConfigDict(dict(learning_rate=1e-3, warmup_steps=2, schedule="cosine", final_lr_fraction=0.1,
+                                       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0, freeze=(),
+                                       ema_decay=0.99))
+    params = {"a": {"w": jnp.ones((2, 2))}}
+    state = optim_lib.make(o, 10, params).init(params)
+    np.testing.assert_array_equal(optim_lib.ema_params(state)["a"]["w"], params["a"]["w"])
+    o.ema_decay = 0.0
+    assert optim_lib.ema_params(optim_lib.make(o, 10, params).init(params)) is None
+
+
+def test_trainer_evaluates_checkpoints_and_resumes_with_the_ema(tiny_config, devices, tmp_path):
+    cfg = tiny_config.copy_and_resolve_references()
+    cfg.optim.ema_decay = 0.9
+    cfg.train.update(steps=6, checkpoint_every=3, final_eval=False)
+    tr = Trainer(cfg, tmp_path, devices=devices[:1])
+    tr.train()
+    loaded = Trainer(cfg, tmp_path, devices=devices[:1]).load_params()
+    assert loaded.opt_state is None
+    # What eval/sample get is the EMA stored in the checkpoint, not the live params.
+    full = Trainer(cfg, tmp_path, devices=devices[:1])
+    state = full.abstract_state()
+    from unimm.train import checkpoint as ckpt_lib
+    ck = ckpt_lib.Checkpointer(tmp_path, use_async=False)
+    live, opt, _ = ck.restore(None, state.params, state.param_shardings, state.opt_state, state.opt_shardings)
+    ck.close()
+    ema = optim_lib.ema_params(opt)
+    for a, b, c in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(ema), jax.tree.leaves(live)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(b, c) for b, c in zip(jax.tree.leaves(ema), jax.tree.leaves(live)))
+    # Resuming picks the EMA up from the checkpoint and keeps averaging.
+    cfg.train.steps = 8
+    assert Trainer(cfg, tmp_path, devices=devices[:1]).train()["step"] == 8
