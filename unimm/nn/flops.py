@@ -57,15 +57,11 @@ def xla_flops(fn, *abstract_args) -> float:
     arithmetic is tedious to write down). Never runs it.
 
     The unoptimised program's count where the backend gives one (CPU, TPU); the
-    GPU backend gives none for a lowering, so there the compiled program's, and
-    failing that the count of a CPU lowering."""
+    GPU backend gives none for a lowering, so there the compiled program's."""
     lowered = jax.jit(fn).lower(*abstract_args)
     flops = _flops_of(lowered.cost_analysis())
     if flops is None:
         flops = _flops_of(lowered.compile().cost_analysis())
-    if flops is None:
-        with jax.default_device(jax.devices("cpu")[0]):
-            flops = _flops_of(jax.jit(fn).lower(*abstract_args).compile().cost_analysis())
     if flops is None:
         raise RuntimeError(f"XLA gave no FLOP count for {getattr(fn, '__name__', fn)!r}")
     return flops

@@ -72,21 +72,8 @@ def param_ema(inner: optax.GradientTransformation, decay: float) -> optax.Gradie
 
 def ema_params(opt_state) -> Optional[Any]:
     """The parameter EMA inside an optimizer state made by `make`, or None if it keeps none."""
-    found = []
-
-    def visit(node):
-        if isinstance(node, ParamEMAState):
-            found.append(node.ema)
-            return
-        if isinstance(node, (tuple, list)):
-            for child in node:
-                visit(child)
-        elif isinstance(node, dict):
-            for child in node.values():
-                visit(child)
-
-    visit(opt_state)
-    return found[0] if found else None
+    return optax.tree_utils.tree_get(
+        opt_state, "ema", filtering=lambda path, _: getattr(path[-1], "tuple_name", None) == "ParamEMAState")
 
 
 def make(o, total_steps: int, params=None, extra_freeze: Sequence[str] = ()) -> optax.GradientTransformation:
