@@ -206,6 +206,7 @@ def test_interleaved_generation(objective):
 @pytest.mark.parametrize("override, message", [
     (dict(image=dict(refine_blocks=2)), "refine_blocks > 0 needs image.refine_channels"),
     (dict(transfusion=dict(timestep_sampling="beta")), "unknown timestep sampling 'beta'"),
+    (dict(image=dict(io="linear", unet_global_cond=True)), "image.unet_global_cond set, but U-Net settings apply only"),
 ])
 def test_bad_image_settings_fail_before_anything_is_built(tiny_config, override, message):
     c = tiny_config.copy_and_resolve_references()

@@ -107,6 +107,10 @@ class Settings:
             raise ValueError(f"transfusion.prediction={self.prediction!r}; choose from {diff.PREDICTIONS}")
         diff.loss_weight(self.loss_weighting, self.prediction, jnp.array([0.5]))
         diff.eta_for(self.sampler)
+        unet_only = [k for k in ("unet_skips", "unet_skip_max_t", "unet_global_cond") if getattr(self, k)]
+        if unet_only and self.io != "unet":
+            raise ValueError(f"image.{', image.'.join(unet_only)} set, but U-Net settings apply only to "
+                             f"image.io='unet' (it is {self.io!r}); set image.io='unet' or drop them")
         if self.refine_blocks and not self.refine_channels:
             raise ValueError("image.refine_blocks > 0 needs image.refine_channels > 0 (their width)")
         if self.timestep_sampling not in diff.TIMESTEP_SAMPLINGS:
