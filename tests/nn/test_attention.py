@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unimm.nn.attention import attention_mask, dot_product_attention
+from unimm.nn.attention import Meta, attention_mask, dot_product_attention, rope
 
 # One row: doc 1 = text(3) image(4) text(2), doc 2 = text(2) image(2), then 3 pads.
 SEG = np.array([[1] * 9 + [2] * 4 + [0] * 3])
@@ -64,3 +64,42 @@ def test_unknown_implementation_is_named():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="unknown attention implementation"):
         dot_product_attention(q, k, v, jnp.ones((1, 1, 16, 16), bool), "flash9000")
+
+
+def test_rope_with_equal_positions_on_every_axis_is_1d_rope():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 3, 16))
+    pos = jnp.array([[0, 1, 2, 7, 9], [3, 4, 5, 6, 40]])
+    np.testing.assert_allclose(rope(x, jnp.stack([pos] * 3, -1), 1e4), rope(x, pos, 1e4), atol=1e-6)
+
+
+def test_grid_rope_positions():
+    # BOS, BOI, a 2x3 grid of patches, EOI: text keeps its position on every axis.
+    pos = jnp.arange(9)[None]
+    index = jnp.array([[-1, -1, 0, 1, 2, 3, 4, 5, -1]])
+    meta = Meta(jnp.ones_like(pos), jnp.zeros_like(pos), pos).with_grid_rope(index, width=3)
+    expect = [[0, 0, 0], [1, 1, 1], [2, 2, 2], [2, 2, 3], [2, 2, 4], [2, 3, 2], [2, 3, 3], [2, 3, 4], [8, 8, 8]]
+    np.testing.assert_array_equal(meta.rope[0], expect)
+
+
+def test_grid_rope_attention_depends_on_2d_offsets():
+    """With 2D RoPE, a patch pair's attention logit is a function of its (row,
+    column) offset, wherever the pair lies: the same content one row down or
+    one column right scores the same; with 1D RoPE a row's end and the next
+    row's start look adjacent."""
+    width = 4
+    q, k = jax.random.normal(jax.random.key(1), (2, 1, 1, 1, 32))
+    index = jnp.arange(width * width)[None]
+    meta = Meta(index, index, index + 5).with_grid_rope(index, width)
+
+    def logit(positions, a, b):
+        n = index.shape[1]
+        qs, ks = rope(jnp.broadcast_to(q, (1, n, 1, 32)), positions, 1e4), rope(jnp.broadcast_to(k, (1, n, 1, 32)),
+                                                                               positions, 1e4)
+        return float(jnp.sum(qs[0, a, 0] * ks[0, b, 0]))
+
+    # (row 0, col 1) -> (row 1, col 2) equals (row 2, col 0) -> (row 3, col 1): offset (1, 1) both times.
+    same = [logit(meta.rope, 1, 6), logit(meta.rope, 8, 13)]
+    np.testing.assert_allclose(same[0], same[1], rtol=1e-5)
+    # Patch 3 (row 0, col 3) and patch 4 (row 1, col 0) are neighbours in 1D order only.
+    assert abs(logit(meta.rope, 3, 4) - logit(meta.rope, 0, 1)) > 1e-3
+    np.testing.assert_allclose(logit(meta.position, 3, 4), logit(meta.position, 0, 1), rtol=1e-5)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +8,7 @@ from flax import nnx
 
 from unimm.nn import axes as ax
 from unimm.nn.attention import Meta
-from unimm.nn.transformer import Decoder, DecoderConfig
+from unimm.nn.transformer import Cond, Decoder, DecoderConfig
 
 CFG = DecoderConfig(num_layers=3, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, qk_norm=True)
 
@@ -112,3 +114,55 @@ def test_bad_settings_are_named(bad, match):
 def test_unknown_setting_is_named():
     with pytest.raises(ValueError, match="unknown decoder settings"):
         DecoderConfig.from_config({"num_layers": 2, "depth": 3})
+
+
+def _modulated_decoder():
+    """A decoder with adaLN conditioning whose (zero-started) modulations are random."""
+    from helpers import randomize_zero_inits
+    cfg = dataclasses.replace(CFG, cond_dim=8)
+    return cfg, randomize_zero_inits(Decoder(cfg, rngs=nnx.Rngs(0)))
+
+
+def test_adaln_leaves_unconditioned_tokens_alone_and_modulates_the_rest():
+    cfg, dec = _modulated_decoder()
+    x, meta = _inputs()
+    vectors = jax.random.normal(jax.random.key(2), (2, 1, cfg.cond_dim))
+    none = Cond(vectors, jnp.full(meta.position.shape, -1, jnp.int32))
+    plain, _ = dec(x, meta)
+    np.testing.assert_allclose(dec(x, meta, cond=none)[0], plain, atol=1e-6)
+    # Tokens 4..8 (the image span) read vector 0; the tokens before them cannot see them.
+    index = jnp.full(meta.position.shape, -1, jnp.int32).at[:, 4:9].set(0)
+    a, _ = dec(x, meta, cond=Cond(vectors, index))
+    b, _ = dec(x, meta, cond=Cond(-vectors, index))
+    np.testing.assert_allclose(a[:, :4], plain[:, :4], atol=1e-6)
+    assert float(jnp.abs(a[:, 4:9] - b[:, 4:9]).mean()) > 1e-2
+
+
+def test_adaln_per_vector_index_equals_per_row_gathering():
+    """Each token reads the vector its index names: two vectors in one row equal
+    each one given alone to the tokens that name it."""
+    cfg, dec = _modulated_decoder()
+    x, meta = _inputs(b=1)
+    vectors = jax.random.normal(jax.random.key(3), (1, 2, cfg.cond_dim))
+    index = jnp.full((1, 12), -1, jnp.int32).at[:, 4:9].set(1)
+    two, _ = dec(x, meta, cond=Cond(vectors, index))
+    one, _ = dec(x, meta, cond=Cond(vectors[:, 1:], jnp.where(index >= 0, 0, -1)))
+    np.testing.assert_allclose(two, one, atol=1e-6)
+
+
+def test_adaln_cached_decoding_equals_the_uncached_forward():
+    cfg, dec = _modulated_decoder()
+    x, meta = _inputs()
+    vectors = jax.random.normal(jax.random.key(2), (2, 1, cfg.cond_dim))
+    index = jnp.full(meta.position.shape, -1, jnp.int32).at[:, 4:9].set(0)
+    full, _ = dec(x, meta, cond=Cond(vectors, index))
+    cache = dec.init_cache(2, 16)
+    _, cache = dec(x[:, :4], _slice(meta, 0, 4), cache, update_cache=True)
+    h, _ = dec(x[:, 4:9], _slice(meta, 4, 9), cache, update_cache=False, cond=Cond(vectors, index[:, 4:9]))
+    np.testing.assert_allclose(h, full[:, 4:9], atol=1e-5)
+
+
+def test_conditioning_a_decoder_built_without_it_is_an_error(decoder):
+    x, meta = _inputs()
+    with pytest.raises(ValueError, match="cond_dim=0"):
+        decoder(x, meta, cond=Cond(jnp.zeros((2, 1, 4)), jnp.zeros((2, 12), jnp.int32)))

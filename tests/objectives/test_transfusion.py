@@ -24,6 +24,32 @@ def model(objective):
     return randomize_zero_inits(objective.make_model(nnx.Rngs(0)))
 
 
+# Architecture variants the equivalence tests also cover: 2D RoPE over the
+# patches (no position table), and DiT-style adaLN timestep conditioning.
+VARIANTS = {"rope_2d": dict(rope="2d", pos_embedding="none"), "adaln": dict(timestep_cond="adaln")}
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_config):
+    built = {}
+
+    def get(name):
+        if name not in built:
+            cfg = tiny_config.copy_and_resolve_references()
+            cfg.image.update(VARIANTS[name])
+            obj = objectives.build(cfg)
+            built[name] = obj, randomize_zero_inits(obj.make_model(nnx.Rngs(0)))
+        return built[name]
+    return get
+
+
+def _variant(request, name):
+    """(objective, model) of the default architecture or one of VARIANTS."""
+    if name == "default":
+        return request.getfixturevalue("objective"), request.getfixturevalue("model")
+    return request.getfixturevalue("variants")(name)
+
+
 @pytest.fixture(scope="module")
 def examples(objective):
     return [ShapesSource(resolution=objective.resolution)[i] for i in range(4)]
@@ -125,7 +151,9 @@ def _full_sequence_eps(objective, model, prompt, x_t, t):
     return out, len(ids)
 
 
-def test_prefix_cached_denoising_equals_uncached(objective, model):
+@pytest.mark.parametrize("variant", ["default", *VARIANTS])
+def test_prefix_cached_denoising_equals_uncached(request, variant):
+    objective, model = _variant(request, variant)
     x_t = jax.random.normal(jax.random.key(0), objective.s.image_shape)
     full, n = _full_sequence_eps(objective, model, "a red circle", x_t, 700)
     assert float(jnp.abs(full).mean()) > 1e-2  # a real, non-trivial prediction
@@ -163,7 +191,9 @@ def test_generate_images_is_seeded_and_valid(objective, model):
     np.testing.assert_array_equal(a, b)
 
 
-def test_cached_captioning_equals_uncached_greedy_decoding(objective, model, examples):
+@pytest.mark.parametrize("variant", ["default", *VARIANTS])
+def test_cached_captioning_equals_uncached_greedy_decoding(request, variant, examples):
+    objective, model = _variant(request, variant)
     image = examples[0]["image"]
     caption = objective.caption_images(model, image[None], jax.random.key(0))[0]
     # Uncached reference: re-run the whole sequence for every new token.
@@ -206,6 +236,8 @@ def test_interleaved_generation(objective):
 @pytest.mark.parametrize("override, message", [
     (dict(image=dict(refine_blocks=2)), "refine_blocks > 0 needs image.refine_channels"),
     (dict(transfusion=dict(timestep_sampling="beta")), "unknown timestep sampling 'beta'"),
+    (dict(image=dict(rope="3d")), "image.rope='3d'; choose '1d' or '2d'"),
+    (dict(image=dict(timestep_cond="film")), "image.timestep_cond='film'; choose 'add' or 'adaln'"),
     (dict(image=dict(io="linear", unet_global_cond=True)), "image.unet_global_cond set, but U-Net settings apply only"),
 ])
 def test_bad_image_settings_fail_before_anything_is_built(tiny_config, override, message):

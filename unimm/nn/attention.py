@@ -6,6 +6,10 @@ serves training, prefill and cached decoding:
   segment   document id; 0 marks padding (attends to nothing, seen by nothing)
   span      image-span id; 0 for text. Tokens of one span see each other fully
   position  position within the document (also drives RoPE)
+  rope      optional (B, T, A) RoPE positions over A axes (multimodal RoPE);
+            None: RoPE by `position`. An image token may carry (start, start +
+            row, start + col), so attention inside the image sees 2D offsets;
+            text carries (p, p, p), which rotates exactly as 1D RoPE at p.
 
 A query q may attend to key k iff they share a non-zero segment and either
 k is not later than q (causal) or both lie in the same non-zero span
@@ -37,10 +41,19 @@ def attention_mask(q_segment, q_span, q_position, kv_segment, kv_span, kv_positi
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding on (B, T, H, D) by integer positions (B, T); half-split layout."""
+    """Rotary embedding on (B, T, H, D) by integer positions (B, T); half-split layout.
+
+    Positions (B, T, A) rotate frequency j by axis j % A: the axes interleave over
+    the spectrum, so each gets high and low frequencies (a contiguous split, as in
+    Qwen2-VL's M-RoPE, would leave the last axes only slow ones). Equal positions
+    on every axis give exactly 1D RoPE."""
     d = x.shape[-1]
     freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
-    angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, D/2)
+    if positions.ndim == 3:
+        positions = positions[..., jnp.arange(d // 2) % positions.shape[-1]]  # (B, T, D/2)
+        angles = positions.astype(jnp.float32) * freqs
+    else:
+        angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, D/2)
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -71,11 +84,25 @@ def dot_product_attention(q, k, v, mask, impl: str = "xla"):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Meta:
-    """Per-token metadata: segment, span, position, each (B, T) int32."""
+    """Per-token metadata: segment, span, position, each (B, T) int32; optional
+    RoPE positions (B, T, A) (see the module docstring)."""
 
     segment: jax.Array
     span: jax.Array
     position: jax.Array
+    rope: Optional[jax.Array] = None
+
+    def with_grid_rope(self, patch_index: jax.Array, width: int) -> "Meta":
+        """2D RoPE positions for tokens that are patches of a `width`-wide grid.
+
+        patch_index (B, T): the patch's raster index, or -1 for a text token.
+        Patch i at sequence position p (its image starting at s = p - i) gets
+        (s, s + row, s + col); text keeps (p, p, p)."""
+        p = self.position
+        i = jnp.maximum(patch_index, 0)
+        s = p - i
+        grid = jnp.stack([s, s + i // width, s + i % width], axis=-1)
+        return dataclasses.replace(self, rope=jnp.where((patch_index >= 0)[..., None], grid, p[..., None]))
 
 
 @jax.tree_util.register_dataclass
@@ -168,7 +195,8 @@ class Attention(nnx.Module):
         k, v = kvp[:, :, 0], kvp[:, :, 1]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, meta.position, self.rope_theta), rope(k, meta.position, self.rope_theta)
+        rp = meta.position if meta.rope is None else meta.rope
+        q, k = rope(q, rp, self.rope_theta), rope(k, rp, self.rope_theta)
         k = ax.constrain(k, ("batch", "length", "act_kv_heads", None))
         new_kv = None
         if kv is None:

@@ -53,13 +53,16 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int) -> jax.Array:
     return jnp.pad(emb, ((0, 0), (0, dim - emb.shape[-1])))
 
 
-POS_EMBEDDINGS = ("sincos", "normal")
+POS_EMBEDDINGS = ("sincos", "normal", "none")
 
 
-def position_param(kind: str, grid_h: int, grid_w: int, dim: int, rngs: nnx.Rngs) -> nnx.Param:
+def position_param(kind: str, grid_h: int, grid_w: int, dim: int, rngs: nnx.Rngs) -> Optional[nnx.Param]:
     """Learned patch-position embeddings (grid_h * grid_w, dim): 'sincos' starts
     from 2D sine-cosine features, so every patch knows its row and column from
-    the first step; 'normal' starts from N(0, 0.02) and must learn them."""
+    the first step; 'normal' starts from N(0, 0.02) and must learn them; 'none'
+    gives None: no table (positions come from 2D RoPE instead)."""
+    if kind == "none":
+        return None
     if kind == "sincos":
         init = lambda key, shape, dtype: sincos_2d(grid_h, grid_w, dim).astype(dtype)
     elif kind == "normal":
@@ -67,6 +70,10 @@ def position_param(kind: str, grid_h: int, grid_w: int, dim: int, rngs: nnx.Rngs
     else:
         raise ValueError(f"unknown position embedding {kind!r}; choose from {POS_EMBEDDINGS}")
     return ax.param(init, rngs.params(), (grid_h * grid_w, dim), (None, "embed"))
+
+
+def with_positions(tokens: jax.Array, pos: Optional[nnx.Param]) -> jax.Array:
+    return tokens if pos is None else tokens + pos[...].astype(tokens.dtype)
 
 
 class TimestepMLP(nnx.Module):
@@ -152,7 +159,8 @@ class LinearPatchIO(nnx.Module):
     """
 
     def __init__(self, image_shape: Sequence[int], patch: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 pos_embedding: str = "normal", refine_channels: int = 0, refine_blocks: int = 0):
+                 pos_embedding: str = "normal", refine_channels: int = 0, refine_blocks: int = 0,
+                 adaptive_out: bool = False):
         h, w, c = image_shape
         if refine_blocks and not refine_channels:
             raise ValueError("refine_blocks > 0 needs refine_channels > 0 (their width)")
@@ -162,6 +170,9 @@ class LinearPatchIO(nnx.Module):
         self.pos = position_param(pos_embedding, h // patch, w // patch, dim, rngs)
         self.temb = TimestepMLP(dim, rngs=rngs, dtype=dtype)
         self.out_norm = RMSNorm(dim)
+        # adaptive_out: the timestep scales and shifts the output norm (DiT's final adaLN layer).
+        self.out_mod = (Linear(dim, (2, dim), ("embed", None, None), rngs=rngs, dtype=dtype, use_bias=True,
+                               zero_init=True) if adaptive_out else None)
         self.out = Linear(dim, self.patch_dim, ("embed", "patch"), rngs=rngs, dtype=dtype, use_bias=True,
                           zero_init=True)
         kw = dict(rngs=rngs, dtype=dtype)
@@ -176,14 +187,21 @@ class LinearPatchIO(nnx.Module):
                       [GroupNorm(refine_channels), Conv(refine_channels, c, zero_init=True, **kw)])
         self.refine = nnx.List(layers)
 
+    def timestep_features(self, t: jax.Array) -> jax.Array:
+        """(N, dim): what the image tokens are told of their noise level (e.g. for adaLN)."""
+        return self.temb(t)
+
     def encode(self, x: jax.Array, t: jax.Array):
         temb = self.temb(t)
-        tokens = self.inp(patchify(x, self.patch)) + self.pos[...].astype(self.inp.dtype)
+        tokens = with_positions(self.inp(patchify(x, self.patch)), self.pos)
         return tokens + temb[:, None, :], ((x, temb) if self.refine_sees_input else None)
 
     def decode(self, h: jax.Array, t: jax.Array, context) -> jax.Array:
-        del t
-        x = unpatchify(self.out(self.out_norm(h)).astype(jnp.float32), self.patch, *self.image_shape)
+        h = self.out_norm(h)
+        if self.out_mod is not None:
+            shift, scale = jnp.moveaxis(self.out_mod(jax.nn.silu(self.temb(t))), 1, 0)[:, :, None, :]
+            h = h * (1 + scale.astype(h.dtype)) + shift.astype(h.dtype)
+        x = unpatchify(self.out(h).astype(jnp.float32), self.patch, *self.image_shape)
         if not len(self.refine):
             return x
         if not self.refine_sees_input:
@@ -244,6 +262,10 @@ class UNetPatchIO(nnx.Module):
         self.norm_out = GroupNorm(channels[0])
         self.conv_out = Conv(channels[0], c, zero_init=True, **kw)
 
+    def timestep_features(self, t: jax.Array) -> jax.Array:
+        """(N, dim): what the image tokens are told of their noise level (e.g. for adaLN)."""
+        return self.temb(t)
+
     def encode(self, x: jax.Array, t: jax.Array):
         temb = self.temb(t)
         h = self.conv_in(x)
@@ -255,7 +277,7 @@ class UNetPatchIO(nnx.Module):
             if i < len(self.downsample):
                 h = self.downsample[i](h)
         n, gh, gw, ch = h.shape
-        tokens = self.to_model(h.reshape(n, gh * gw, ch)) + self.pos[...].astype(h.dtype)
+        tokens = with_positions(self.to_model(h.reshape(n, gh * gw, ch)), self.pos)
         if self.skips and self.skip_max_t:
             # Above skip_max_t the up path gets no skips: the noisiest steps,
             # where only the text says what to draw, must go through the transformer.
@@ -289,10 +311,11 @@ class UNetPatchIO(nnx.Module):
 def make_image_io(kind: str, image_shape, patch: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                   channels: Optional[Sequence[int]] = None, blocks: int = 1, skips: bool = False,
                   pos_embedding: str = "normal", refine_channels: int = 0, refine_blocks: int = 0,
-                  skip_max_t: int = 0, global_cond: bool = False):
+                  skip_max_t: int = 0, global_cond: bool = False, adaptive_out: bool = False):
     if kind == "linear":
         return LinearPatchIO(image_shape, patch, dim, rngs=rngs, dtype=dtype, pos_embedding=pos_embedding,
-                             refine_channels=refine_channels, refine_blocks=refine_blocks)
+                             refine_channels=refine_channels, refine_blocks=refine_blocks,
+                             adaptive_out=adaptive_out)
     if kind == "unet":
         return UNetPatchIO(image_shape, patch, dim, channels or [64] * (int(math.log2(patch)) + 1),
                            rngs=rngs, blocks=blocks, skips=skips, dtype=dtype, pos_embedding=pos_embedding,

@@ -3,6 +3,12 @@ optional QK-norm, SwiGLU), stacked along a leading `layers` axis and run with
 `jax.lax.scan`, so compile time does not grow with depth. Rematerialisation of
 each block is chosen by `remat` policy name.
 
+With `cond_dim` > 0 the blocks also take adaptive-norm conditioning (DiT's
+adaLN): a few conditioning vectors per row (e.g. one diffusion timestep
+embedding per image) each scale and shift the norms and scale the residual
+branches of the tokens that point at them, through per-layer linear maps that
+start at zero; tokens that point at none (text) pass through unchanged.
+
 The decoder maps embeddings to hidden states; embeddings and output heads
 belong to the recipe that uses it.
 """
@@ -18,7 +24,7 @@ from flax import nnx
 
 from unimm.nn import axes as ax
 from unimm.nn.attention import IMPLEMENTATIONS, Attention, KVCache, Meta
-from unimm.nn.layers import RMSNorm, SwiGLU
+from unimm.nn.layers import Linear, RMSNorm, SwiGLU
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -51,6 +57,7 @@ class DecoderConfig:
     param_dtype: str = "float32"
     attention: str = "xla"  # one of attention.IMPLEMENTATIONS
     remat: str = "none"  # one of REMAT_POLICIES
+    cond_dim: int = 0  # > 0: width of the adaLN conditioning vectors the blocks accept (see Cond)
 
     def __post_init__(self):
         for name in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
@@ -85,7 +92,33 @@ class DecoderConfig:
         """Parameters of the decoder stack (no embeddings or heads)."""
         d, h, kh, hd, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
         attn = d * h * hd + 2 * d * kh * hd + h * hd * d + (2 * hd if self.qk_norm else 0)
-        return self.num_layers * (attn + 3 * d * f + 2 * d) + d
+        mod = (self.cond_dim + 1) * 6 * d if self.cond_dim else 0
+        return self.num_layers * (attn + 3 * d * f + 2 * d + mod) + d
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Cond:
+    """adaLN conditioning: vectors (B, K, cond_dim) and, per token, which one
+    modulates it (B, T) int32, -1 for none."""
+
+    vectors: jax.Array
+    index: jax.Array
+
+
+class Modulation(nnx.Module):
+    """Per-token (shift, scale, gate) for a block's two norms and residual branches."""
+
+    def __init__(self, cond_dim: int, d_model: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        self.proj = Linear(cond_dim, (6, d_model), ("embed", None, None), rngs=rngs, use_bias=True,
+                           dtype=dtype, param_dtype=param_dtype, zero_init=True)
+
+    def __call__(self, cond: Cond) -> jax.Array:
+        """(6, B, T, d_model); zeros (no change) for tokens with index -1."""
+        per_vector = self.proj(jax.nn.silu(cond.vectors))  # (B, K, 6, d): computed once per vector
+        # A one-hot matmul rather than a gather: its gradient is a matmul too, not a scatter.
+        pick = jax.nn.one_hot(cond.index, per_vector.shape[1], dtype=per_vector.dtype)  # index -1: all zero
+        return jnp.einsum("btk,bkcd->cbtd", pick, per_vector)
 
 
 class Block(nnx.Module):
@@ -99,11 +132,19 @@ class Block(nnx.Module):
                               out_init_scale=out_scale, **kw)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, out_init_scale=out_scale, **kw)
+        self.modulation = Modulation(cfg.cond_dim, cfg.d_model, **kw) if cfg.cond_dim else None
 
-    def __call__(self, x, meta: Meta, kv=None, kv_meta=None, slots=None):
-        h, new_kv = self.attn(self.attn_norm(x), meta, kv, kv_meta, slots)
-        x = ax.constrain(x + h, ("batch", "length", "act_embed"))
-        x = x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, meta: Meta, kv=None, kv_meta=None, slots=None, cond: Optional[Cond] = None):
+        if self.modulation is None or cond is None:
+            h, new_kv = self.attn(self.attn_norm(x), meta, kv, kv_meta, slots)
+            x = ax.constrain(x + h, ("batch", "length", "act_embed"))
+            x = x + self.mlp(self.mlp_norm(x))
+            return ax.constrain(x, ("batch", "length", "act_embed")), new_kv
+        # (1 + scale), (1 + gate): zero modulation is the plain block, for text and at init.
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).astype(x.dtype)
+        h, new_kv = self.attn(self.attn_norm(x) * (1 + scale1) + shift1, meta, kv, kv_meta, slots)
+        x = ax.constrain(x + (1 + gate1) * h, ("batch", "length", "act_embed"))
+        x = x + (1 + gate2) * self.mlp(self.mlp_norm(x) * (1 + scale2) + shift2)
         return ax.constrain(x, ("batch", "length", "act_embed")), new_kv
 
 
@@ -130,15 +171,18 @@ class Decoder(nnx.Module):
         c = self.cfg
         return KVCache.empty(c.num_layers, batch, length, c.num_kv_heads, c.head_dim, dtype or c.compute_dtype)
 
-    def __call__(self, x: jax.Array, meta: Meta, cache: Optional[KVCache] = None, update_cache: bool = False):
+    def __call__(self, x: jax.Array, meta: Meta, cache: Optional[KVCache] = None, update_cache: bool = False,
+                 cond: Optional[Cond] = None):
         """Returns (hidden (B, T, E), cache).
 
         No cache: plain forward. With a cache and `update_cache`, the tokens are
         appended to it (prefill and decoding). With a cache and not
         `update_cache`, the tokens attend to the cached prefix read-only (e.g.
         every denoising step over an image, after its text prefix) and the
-        cache comes back unchanged.
+        cache comes back unchanged. `cond`: adaLN conditioning (needs cond_dim > 0).
         """
+        if cond is not None and not self.cfg.cond_dim:
+            raise ValueError("adaLN conditioning given to a decoder built with cond_dim=0")
         x = ax.constrain(x.astype(self.cfg.compute_dtype), ("batch", "length", "act_embed"))
         graphdef, params = nnx.split(self.blocks)
         slots, kv_meta = None, None
@@ -149,7 +193,7 @@ class Decoder(nnx.Module):
 
         def body(h, layer):
             p, kv = layer
-            h, new_kv = nnx.merge(graphdef, p)(h, meta, kv, kv_meta, slots)
+            h, new_kv = nnx.merge(graphdef, p)(h, meta, kv, kv_meta, slots, cond)
             return h, new_kv
 
         policy = REMAT_POLICIES[self.cfg.remat]

@@ -39,7 +39,7 @@ from unimm.nn.decoding import decode, pad_rows, prefix_meta
 from unimm.nn.image_io import make_image_io
 from unimm.nn.layers import Embed, Linear
 from unimm.nn.losses import cross_entropy
-from unimm.nn.transformer import Decoder, DecoderConfig
+from unimm.nn.transformer import Cond, Decoder, DecoderConfig
 from unimm.objectives.base import ArraySpec, Objective, Pretrained, Stream
 from unimm.tokenizers import text as text_tok
 
@@ -63,6 +63,8 @@ class Settings:
     unet_skip_max_t: int = 0  # > 0: skips only at timesteps below this (the noisier ones rely on the text)
     unet_global_cond: bool = False  # condition every up-path block on the transformer's mean image output
     pos_embedding: str = "normal"  # patch positions: normal (N(0, 0.02) start) | sincos (2D sin-cos start)
+    rope: str = "1d"  # RoPE over image patches: 1d (sequence order, the paper) | 2d (row and column)
+    timestep_cond: str = "add"  # add (the paper: added to the patch embeddings) | adaln (also DiT's adaLN in every block)
     refine_channels: int = 0  # linear io: width of the conv refinement of its output (0: none)
     refine_blocks: int = 0  # linear io: 0: a conv pair on the prediction; > 0: ResBlocks on prediction + x_t
     diffusion_weight: float = 5.0
@@ -111,6 +113,10 @@ class Settings:
         if unet_only and self.io != "unet":
             raise ValueError(f"image.{', image.'.join(unet_only)} set, but U-Net settings apply only to "
                              f"image.io='unet' (it is {self.io!r}); set image.io='unet' or drop them")
+        if self.rope not in ("1d", "2d"):
+            raise ValueError(f"image.rope={self.rope!r}; choose '1d' or '2d'")
+        if self.timestep_cond not in ("add", "adaln"):
+            raise ValueError(f"image.timestep_cond={self.timestep_cond!r}; choose 'add' or 'adaln'")
         if self.refine_blocks and not self.refine_channels:
             raise ValueError("image.refine_blocks > 0 needs image.refine_channels > 0 (their width)")
         if self.timestep_sampling not in diff.TIMESTEP_SAMPLINGS:
@@ -188,10 +194,13 @@ class TransfusionModel(nnx.Module):
                                       channels=s.unet_channels, blocks=s.unet_blocks, skips=s.unet_skips,
                                       pos_embedding=s.pos_embedding, refine_channels=s.refine_channels,
                                       refine_blocks=s.refine_blocks,
-                                      skip_max_t=s.unet_skip_max_t, global_cond=s.unet_global_cond)
+                                      skip_max_t=s.unet_skip_max_t, global_cond=s.unet_global_cond,
+                                      adaptive_out=s.timestep_cond == "adaln")
         self.decoder = Decoder(dcfg, rngs=rngs)
+        self.adaln = s.timestep_cond == "adaln"
         self.lm_head = Linear(dcfg.d_model, vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype)
         self.num_patches = s.num_patches
+        self.rope_width = s.latent_resolution // s.patch_size if s.rope == "2d" else 0
         self.prediction = s.prediction
         self.schedule = (s.schedule, s.num_timesteps)
         # A frozen image autoencoder (loaded from its own run) when diffusing in latent space.
@@ -203,6 +212,27 @@ class TransfusionModel(nnx.Module):
         """Sequence positions (B, k*P) of every image patch; invalid images -> out of range."""
         start = jnp.where(image_valid, image_start, length)
         return (start[:, :, None] + jnp.arange(self.num_patches)[None, None, :]).reshape(start.shape[0], -1)
+
+    def _image_rope(self, meta: Meta, patch_index) -> Meta:
+        """With image.rope='2d', RoPE positions by row and column for the patches."""
+        return meta.with_grid_rope(patch_index, self.rope_width) if self.rope_width else meta
+
+    def _patches_meta(self, meta: Meta) -> Meta:
+        """`meta` of a call whose tokens are exactly one image's patches."""
+        idx = jnp.broadcast_to(jnp.arange(self.num_patches, dtype=jnp.int32), meta.position.shape)
+        return self._image_rope(meta, idx)
+
+    def _cond(self, t, index) -> Optional[Cond]:
+        """adaLN conditioning: timestep features of images t (B, k); index (B, T) names each
+        token's image (-1: text)."""
+        if not self.adaln:
+            return None
+        temb = self.image_io.timestep_features(t.reshape(-1))
+        return Cond(temb.reshape(t.shape + temb.shape[-1:]), index)
+
+    def _patches_cond(self, t) -> Optional[Cond]:
+        """adaLN conditioning of a call whose tokens are one image (B,) at noise t (B,)."""
+        return self._cond(t[:, None], jnp.zeros((t.shape[0], self.num_patches), jnp.int32))
 
     def __call__(self, tokens, meta: Meta, images, t, image_start, image_valid,
                  cache: Optional[KVCache] = None, update_cache: bool = False):
@@ -217,7 +247,12 @@ class TransfusionModel(nnx.Module):
         slots = self._patch_slots(image_start, image_valid, length)
         rows = jnp.arange(b)[:, None]
         x = x.at[rows, slots].set(img_tokens.reshape(b, -1, x.shape[-1]).astype(x.dtype), mode="drop")
-        h, cache = self.decoder(x, meta, cache, update_cache)
+        patch_index = jnp.full((b, length), -1, jnp.int32).at[rows, slots].set(
+            jnp.tile(jnp.arange(self.num_patches, dtype=jnp.int32), k)[None], mode="drop")
+        image_index = jnp.full((b, length), -1, jnp.int32).at[rows, slots].set(
+            jnp.repeat(jnp.arange(k, dtype=jnp.int32), self.num_patches)[None], mode="drop")
+        h, cache = self.decoder(x, self._image_rope(meta, patch_index), cache, update_cache,
+                                self._cond(t, image_index))
         logits = self.lm_head(h).astype(jnp.float32)
         h_img = h[rows, jnp.minimum(slots, length - 1)].reshape(b * k, self.num_patches, -1)
         eps = self.image_io.decode(h_img, t.reshape(-1), ctx)
@@ -226,15 +261,17 @@ class TransfusionModel(nnx.Module):
     def denoise(self, x_t, t, meta: Meta, cache: KVCache):
         """Noise estimate (eps) for images alone (B, H, W, C), attending read-only to a cached prefix."""
         tokens, ctx = self.image_io.encode(x_t, t)
-        h, _ = self.decoder(tokens, meta, cache, update_cache=False)
+        h, _ = self.decoder(tokens, self._patches_meta(meta), cache, update_cache=False, cond=self._patches_cond(t))
         out = self.image_io.decode(h, t, ctx)
         return diff.eps_from_prediction(self.prediction, out, x_t,
                                         jnp.asarray(diff.alphas_cumprod(*self.schedule))[t])
 
     def append_image(self, x0, meta: Meta, cache: KVCache):
         """Add a clean image's tokens (noise level 0) to the cache."""
-        tokens, _ = self.image_io.encode(x0, jnp.zeros(x0.shape[:1], jnp.int32))
-        return self.decoder(tokens, meta, cache, update_cache=True)[1]
+        t = jnp.zeros(x0.shape[:1], jnp.int32)
+        tokens, _ = self.image_io.encode(x0, t)
+        return self.decoder(tokens, self._patches_meta(meta), cache, update_cache=True,
+                            cond=self._patches_cond(t))[1]
 
     def text(self, tokens, meta: Meta, cache: KVCache):
         """Append text tokens to the cache; logits (B, T, V) at each of them."""
@@ -379,6 +416,8 @@ class Transfusion(Objective):
         super().__init__(config, shapes_only)
         self.s = settings_from_config(config)
         self.dcfg = DecoderConfig.from_config(config.model)
+        if self.s.timestep_cond == "adaln":
+            self.dcfg = dataclasses.replace(self.dcfg, cond_dim=self.dcfg.d_model)
         self.tok = None if shapes_only else text_tok.load_checked(config.tokenizer)
         v = config.tokenizer.vocab_size if shapes_only else self.tok.vocab_size
         self.boi, self.eoi = v, v + 1
