@@ -25,8 +25,11 @@ def model(objective):
 
 
 # Architecture variants the equivalence tests also cover: 2D RoPE over the
-# patches (no position table), and DiT-style adaLN timestep conditioning.
-VARIANTS = {"rope_2d": dict(rope="2d", pos_embedding="none"), "adaln": dict(timestep_cond="adaln")}
+# patches (no position table), DiT-style adaLN timestep conditioning, and pooled
+# caption conditioning (with adaLN, so it reaches every block).
+VARIANTS = {"rope_2d": dict(image=dict(rope="2d", pos_embedding="none")),
+            "adaln": dict(image=dict(timestep_cond="adaln")),
+            "caption_cond": dict(image=dict(timestep_cond="adaln"), transfusion=dict(caption_cond=True))}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,8 @@ def variants(tiny_config):
     def get(name):
         if name not in built:
             cfg = tiny_config.copy_and_resolve_references()
-            cfg.image.update(VARIANTS[name])
+            for section, values in VARIANTS[name].items():
+                cfg[section].update(values)
             obj = objectives.build(cfg)
             built[name] = obj, randomize_zero_inits(obj.make_model(nnx.Rngs(0)))
         return built[name]
@@ -144,7 +148,9 @@ def _full_sequence_eps(objective, model, prompt, x_t, t):
     span = np.zeros((1, n), np.int32)
     span[0, len(ids):len(ids) + P] = 1
     meta = Meta(np.ones((1, n), np.int32), span, np.arange(n, dtype=np.int32)[None])
-    _, out, _ = model(seq, meta, x_t[None, None], jnp.array([[t]]), np.array([[len(ids)]]), np.array([[True]]))
+    captions = objective._captions([ids[1:-1]])[None]
+    _, out, _ = model(seq, meta, x_t[None, None], jnp.array([[t]]), np.array([[len(ids)]]), np.array([[True]]),
+                      caption_ids=captions)
     out = out[0, 0]  # eps or v, per transfusion.prediction; denoise() always returns eps
     if objective.s.prediction == "v":
         out = diff.eps_from_v(out, x_t, jnp.asarray(objective.acp)[t])
@@ -161,25 +167,30 @@ def test_prefix_cached_denoising_equals_uncached(request, variant):
     cache = model.decoder.init_cache(1, n)
     _, cache = model.text(ids, Meta(np.ones_like(ids), np.zeros_like(ids), np.arange(n)[None]), cache)
     meta = tf._image_meta(jnp.array([n]), objective.s.num_patches, jnp.array([True]))
+    extra = model.caption_features(objective._captions([ids[0, 1:-1]]))
     for _ in range(2):  # the prefix is computed once and reused by every step
-        cached = model.denoise(x_t[None], jnp.array([700]), meta, cache)[0]
+        cached = model.denoise(x_t[None], jnp.array([700]), meta, cache, extra)[0]
         np.testing.assert_allclose(cached, full, atol=2e-5)
 
 
-def test_cfg_scale_one_equals_the_conditional_prediction(objective, model):
+@pytest.mark.parametrize("variant", ["default", "caption_cond"])
+def test_cfg_scale_one_equals_the_conditional_prediction(request, variant):
+    objective, model = _variant(request, variant)
     bos, boi = objective.tok.bos_id, objective.boi
-    prefix, lengths = objective._pad([[bos] + objective.tok.encode("a blue square") + [boi], [bos, boi]])
+    text = objective.tok.encode("a blue square")
+    prefix, lengths = objective._pad([[bos] + text + [boi], [bos, boi]])
+    extra = model.caption_features(objective._captions([text, []]))
     cache = model.decoder.init_cache(2, prefix.shape[1])
     _, cache = model.decoder(model.embed(prefix), prefix_meta(jnp.asarray(lengths), prefix.shape[1]), cache,
                              True)
     x = jax.random.normal(jax.random.key(1), (1,) + objective.s.image_shape)
     meta = tf._image_meta(jnp.asarray(lengths), objective.s.num_patches, jnp.ones((2,), bool))
-    guided = tf.guided_eps(model, x, 500, meta, cache, 1.0)
+    guided = tf.guided_eps(model, x, 500, meta, cache, 1.0, extra)
     cond_meta = tf._image_meta(jnp.asarray(lengths[:1]), objective.s.num_patches, jnp.ones((1,), bool))
     cond_cache = jax.tree.map(lambda a: a[:, :1] if a.ndim == 5 else a[:1], cache)
-    cond = model.denoise(x, jnp.array([500]), cond_meta, cond_cache)
+    cond = model.denoise(x, jnp.array([500]), cond_meta, cond_cache, None if extra is None else extra[:1])
     np.testing.assert_allclose(guided, cond, atol=1e-5)
-    strong = tf.guided_eps(model, x, 500, meta, cache, 3.0)
+    strong = tf.guided_eps(model, x, 500, meta, cache, 3.0, extra)
     assert not np.allclose(strong, cond, atol=1e-4)  # guidance does act at other scales
 
 
@@ -246,3 +257,17 @@ def test_bad_image_settings_fail_before_anything_is_built(tiny_config, override,
         c[section].update(values)
     with pytest.raises(ValueError, match=message):
         tf.settings_from_config(c)
+
+
+def test_caption_cond_sees_caption_first_captions_only(request, examples):
+    objective, model = _variant(request, "caption_cond")
+    first = objective.encode(examples[:1], np.random.default_rng(1), caption_first=True)
+    text = objective.tok.encode(examples[0]["caption"])
+    np.testing.assert_array_equal(first["caption_ids"][0, :len(text)], text)
+    assert (first["caption_ids"][0, len(text):] == -1).all()
+    # An image-first caption follows its image: conditioning on it would leak it to the LM.
+    second = objective.encode(examples[:1], np.random.default_rng(1), caption_first=False)
+    assert (second["caption_ids"] == -1).all()
+    feats = model.caption_features(objective._captions([text, [], objective.tok.encode("a blue square")]))
+    assert float(jnp.abs(feats[0]).mean()) > 1e-3 and not np.allclose(feats[0], feats[2])
+    np.testing.assert_array_equal(feats[1], 0.0)  # no caption: no conditioning, as for CFG's unconditional rows

@@ -187,26 +187,29 @@ class LinearPatchIO(nnx.Module):
                       [GroupNorm(refine_channels), Conv(refine_channels, c, zero_init=True, **kw)])
         self.refine = nnx.List(layers)
 
-    def timestep_features(self, t: jax.Array) -> jax.Array:
-        """(N, dim): what the image tokens are told of their noise level (e.g. for adaLN)."""
-        return self.temb(t)
-
-    def encode(self, x: jax.Array, t: jax.Array):
+    def conditioning(self, t: jax.Array, extra: Optional[jax.Array] = None) -> jax.Array:
+        """(N, dim): the timestep embedding, plus `extra` (N, dim) conditioning if given
+        (e.g. pooled caption features); what encode, decode and adaLN condition on."""
         temb = self.temb(t)
+        return temb if extra is None else temb + extra.astype(temb.dtype)
+
+    def encode(self, x: jax.Array, t: jax.Array, extra: Optional[jax.Array] = None):
+        temb = self.conditioning(t, extra)
         tokens = with_positions(self.inp(patchify(x, self.patch)), self.pos)
-        return tokens + temb[:, None, :], ((x, temb) if self.refine_sees_input else None)
+        return tokens + temb[:, None, :], (x, temb)
 
     def decode(self, h: jax.Array, t: jax.Array, context) -> jax.Array:
+        del t
+        x_t, temb = context if context is not None else (None, None)  # context: what encode returned
         h = self.out_norm(h)
         if self.out_mod is not None:
-            shift, scale = jnp.moveaxis(self.out_mod(jax.nn.silu(self.temb(t))), 1, 0)[:, :, None, :]
+            shift, scale = jnp.moveaxis(self.out_mod(jax.nn.silu(temb)), 1, 0)[:, :, None, :]
             h = h * (1 + scale.astype(h.dtype)) + shift.astype(h.dtype)
         x = unpatchify(self.out(h).astype(jnp.float32), self.patch, *self.image_shape)
         if not len(self.refine):
             return x
         if not self.refine_sees_input:
             return x + self.refine[1](jax.nn.silu(self.refine[0](x))).astype(jnp.float32)
-        x_t, temb = context
         r = self.refine[0](jnp.concatenate([x, x_t.astype(jnp.float32)], axis=-1))
         for block in self.refine[1:-2]:
             r = block(r, temb)
@@ -262,12 +265,13 @@ class UNetPatchIO(nnx.Module):
         self.norm_out = GroupNorm(channels[0])
         self.conv_out = Conv(channels[0], c, zero_init=True, **kw)
 
-    def timestep_features(self, t: jax.Array) -> jax.Array:
-        """(N, dim): what the image tokens are told of their noise level (e.g. for adaLN)."""
-        return self.temb(t)
-
-    def encode(self, x: jax.Array, t: jax.Array):
+    def conditioning(self, t: jax.Array, extra: Optional[jax.Array] = None) -> jax.Array:
+        """(N, dim): the timestep embedding, plus `extra` (N, dim) conditioning if given."""
         temb = self.temb(t)
+        return temb if extra is None else temb + extra.astype(temb.dtype)
+
+    def encode(self, x: jax.Array, t: jax.Array, extra: Optional[jax.Array] = None):
+        temb = self.conditioning(t, extra)
         h = self.conv_in(x)
         skips = []
         for i, blocks in enumerate(self.down):

@@ -78,6 +78,7 @@ class Settings:
     timestep_std: float = 1.0
     caption_first_ratio: float = 0.8
     noise_cap: int = 500
+    caption_cond: bool = False  # also add pooled caption embeddings to the timestep conditioning (Imagen, SD3)
     noise_cap_prob: float = 0.8
     cond_dropout: float = 0.1
     max_text_len: int = 24
@@ -198,6 +199,12 @@ class TransfusionModel(nnx.Module):
                                       adaptive_out=s.timestep_cond == "adaln")
         self.decoder = Decoder(dcfg, rngs=rngs)
         self.adaln = s.timestep_cond == "adaln"
+        # caption_cond: the mean embedding of an image's caption tokens, through an MLP whose output
+        # starts at zero, joins the timestep embedding wherever the image path is conditioned.
+        d = dcfg.d_model
+        self.caption_in = Linear(d, d, ("embed", None), rngs=rngs, dtype=dtype, use_bias=True) if s.caption_cond else None
+        self.caption_out = (Linear(d, d, (None, "embed"), rngs=rngs, dtype=dtype, use_bias=True, zero_init=True)
+                            if s.caption_cond else None)
         self.lm_head = Linear(dcfg.d_model, vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype)
         self.num_patches = s.num_patches
         self.rope_width = s.latent_resolution // s.patch_size if s.rope == "2d" else 0
@@ -222,28 +229,42 @@ class TransfusionModel(nnx.Module):
         idx = jnp.broadcast_to(jnp.arange(self.num_patches, dtype=jnp.int32), meta.position.shape)
         return self._image_rope(meta, idx)
 
-    def _cond(self, t, index) -> Optional[Cond]:
-        """adaLN conditioning: timestep features of images t (B, k); index (B, T) names each
-        token's image (-1: text)."""
+    def caption_features(self, caption_ids) -> Optional[jax.Array]:
+        """(..., E) pooled caption conditioning of caption ids (..., Lc) (-1: none); zero
+        for an image without a caption; None unless caption_cond."""
+        if self.caption_in is None or caption_ids is None:
+            return None
+        valid = caption_ids >= 0
+        n = valid.sum(-1, keepdims=True)
+        emb = self.embed(jnp.maximum(caption_ids, 0)) * valid[..., None].astype(self.caption_in.dtype)
+        pooled = emb.sum(-2) / jnp.maximum(n, 1).astype(emb.dtype)
+        return self.caption_out(jax.nn.silu(self.caption_in(pooled))) * (n > 0).astype(emb.dtype)
+
+    def _cond(self, t, index, extra=None) -> Optional[Cond]:
+        """adaLN conditioning: features of images at t (B, k) (with `extra` (B * k, E)); index
+        (B, T) names each token's image (-1: text)."""
         if not self.adaln:
             return None
-        temb = self.image_io.timestep_features(t.reshape(-1))
+        temb = self.image_io.conditioning(t.reshape(-1), extra)
         return Cond(temb.reshape(t.shape + temb.shape[-1:]), index)
 
-    def _patches_cond(self, t) -> Optional[Cond]:
+    def _patches_cond(self, t, extra=None) -> Optional[Cond]:
         """adaLN conditioning of a call whose tokens are one image (B,) at noise t (B,)."""
-        return self._cond(t[:, None], jnp.zeros((t.shape[0], self.num_patches), jnp.int32))
+        return self._cond(t[:, None], jnp.zeros((t.shape[0], self.num_patches), jnp.int32), extra)
 
     def __call__(self, tokens, meta: Meta, images, t, image_start, image_valid,
-                 cache: Optional[KVCache] = None, update_cache: bool = False):
+                 cache: Optional[KVCache] = None, update_cache: bool = False, caption_ids=None):
         """Text and images (B, k, H, W, C) at noise level t (B, k) in one sequence.
 
         Returns (text logits (B, L, V), the image prediction (B, k, H, W, C): eps
-        or v, per `prediction`, and the cache)."""
+        or v, per `prediction`, and the cache). caption_ids (B, k, Lc): each image's
+        caption for caption_cond (-1 padded; all -1: none)."""
         b, length = tokens.shape
         k = images.shape[1]
         x = self.embed(tokens)
-        img_tokens, ctx = self.image_io.encode(images.reshape((b * k,) + images.shape[2:]), t.reshape(-1))
+        extra = self.caption_features(caption_ids)
+        extra = None if extra is None else extra.reshape(b * k, -1)
+        img_tokens, ctx = self.image_io.encode(images.reshape((b * k,) + images.shape[2:]), t.reshape(-1), extra)
         slots = self._patch_slots(image_start, image_valid, length)
         rows = jnp.arange(b)[:, None]
         x = x.at[rows, slots].set(img_tokens.reshape(b, -1, x.shape[-1]).astype(x.dtype), mode="drop")
@@ -252,26 +273,28 @@ class TransfusionModel(nnx.Module):
         image_index = jnp.full((b, length), -1, jnp.int32).at[rows, slots].set(
             jnp.repeat(jnp.arange(k, dtype=jnp.int32), self.num_patches)[None], mode="drop")
         h, cache = self.decoder(x, self._image_rope(meta, patch_index), cache, update_cache,
-                                self._cond(t, image_index))
+                                self._cond(t, image_index, extra))
         logits = self.lm_head(h).astype(jnp.float32)
         h_img = h[rows, jnp.minimum(slots, length - 1)].reshape(b * k, self.num_patches, -1)
         eps = self.image_io.decode(h_img, t.reshape(-1), ctx)
         return logits, eps.reshape(images.shape), cache
 
-    def denoise(self, x_t, t, meta: Meta, cache: KVCache):
-        """Noise estimate (eps) for images alone (B, H, W, C), attending read-only to a cached prefix."""
-        tokens, ctx = self.image_io.encode(x_t, t)
-        h, _ = self.decoder(tokens, self._patches_meta(meta), cache, update_cache=False, cond=self._patches_cond(t))
+    def denoise(self, x_t, t, meta: Meta, cache: KVCache, extra=None):
+        """Noise estimate (eps) for images alone (B, H, W, C), attending read-only to a cached
+        prefix; `extra` (B, E): their caption_features, if any."""
+        tokens, ctx = self.image_io.encode(x_t, t, extra)
+        h, _ = self.decoder(tokens, self._patches_meta(meta), cache, update_cache=False,
+                            cond=self._patches_cond(t, extra))
         out = self.image_io.decode(h, t, ctx)
         return diff.eps_from_prediction(self.prediction, out, x_t,
                                         jnp.asarray(diff.alphas_cumprod(*self.schedule))[t])
 
-    def append_image(self, x0, meta: Meta, cache: KVCache):
+    def append_image(self, x0, meta: Meta, cache: KVCache, extra=None):
         """Add a clean image's tokens (noise level 0) to the cache."""
         t = jnp.zeros(x0.shape[:1], jnp.int32)
-        tokens, _ = self.image_io.encode(x0, t)
+        tokens, _ = self.image_io.encode(x0, t, extra)
         return self.decoder(tokens, self._patches_meta(meta), cache, update_cache=True,
-                            cond=self._patches_cond(t))[1]
+                            cond=self._patches_cond(t, extra))[1]
 
     def text(self, tokens, meta: Meta, cache: KVCache):
         """Append text tokens to the cache; logits (B, T, V) at each of them."""
@@ -303,17 +326,19 @@ def _image_meta(start, num_patches, active):
     return Meta(seg, seg, pos)
 
 
-def guided_eps(model: TransfusionModel, x, t, meta: Meta, cache: KVCache, scale: float):
+def guided_eps(model: TransfusionModel, x, t, meta: Meta, cache: KVCache, scale: float, extra=None):
     """CFG noise estimate for x (B, ...): the cache holds B conditional rows then
-    B unconditional rows; `meta` covers all 2B rows."""
+    B unconditional rows; `meta` and `extra` (caption features) cover all 2B rows."""
     b = x.shape[0]
     tt = jnp.full((2 * b,), t, jnp.int32)
-    eps = model.denoise(jnp.concatenate([x, x]), tt, meta, cache)
+    eps = model.denoise(jnp.concatenate([x, x]), tt, meta, cache, extra)
     return diff.guide(eps[:b], eps[b:], scale)
 
 
-def _denoise_loop(model, cache, start, st: _SampleStatic, rng):
-    """Run the sampler for B images; the cache holds 2B rows (cond then uncond)."""
+def _denoise_loop(model, cache, start, st: _SampleStatic, rng, captions=None):
+    """Run the sampler for B images; the cache holds 2B rows (cond then uncond), and
+    `captions` (2B, Lc) are their caption ids for caption_cond (-1 padded)."""
+    extra = model.caption_features(captions)
     b = cache.end.shape[0] // 2
     acp = jnp.asarray(diff.alphas_cumprod(st.schedule, st.num_timesteps))
     ts = jnp.asarray(st.timesteps, jnp.int32)
@@ -325,7 +350,7 @@ def _denoise_loop(model, cache, start, st: _SampleStatic, rng):
         x, rng = carry
         t = ts[i]
         a_prev = jnp.where(i + 1 < ts.shape[0], acp[ts[jnp.minimum(i + 1, ts.shape[0] - 1)]], 1.0)
-        eps = guided_eps(model, x, t, meta, cache, st.cfg_scale)
+        eps = guided_eps(model, x, t, meta, cache, st.cfg_scale, extra)
         rng, sub = jax.random.split(rng)
         noise = jax.random.normal(sub, x.shape, jnp.float32)
         a_t = jnp.full((b,), acp[t])
@@ -336,12 +361,13 @@ def _denoise_loop(model, cache, start, st: _SampleStatic, rng):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "st"))
-def _sample_images(graphdef, params, prefix, lengths, rng, *, st: _SampleStatic):
-    """prefix (2B, Lp): B conditional prompts then B unconditional ones, each ending in BOI."""
+def _sample_images(graphdef, params, prefix, lengths, captions, rng, *, st: _SampleStatic):
+    """prefix (2B, Lp): B conditional prompts then B unconditional ones, each ending in BOI;
+    captions (2B, Lc): their caption ids (-1 padded)."""
     model = nnx.merge(graphdef, params)
     cache = model.decoder.init_cache(prefix.shape[0], prefix.shape[1])
     _, cache = model.decoder(model.embed(prefix), prefix_meta(lengths, prefix.shape[1]), cache, True)
-    return _denoise_loop(model, cache, lengths, st, rng)
+    return _denoise_loop(model, cache, lengths, st, rng, captions)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new", "stop_ids", "pad_id", "temperature"))
@@ -391,14 +417,17 @@ def _to_model_space(params, images, *, objective, graphdef):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "st"))
-def _image_from_cache(graphdef, params, cache, uncond_cache, start, active, eoi, rng, *, st: _SampleStatic):
-    """Sample an image after each active row's BOI, then append it and EOI to the cache."""
+def _image_from_cache(graphdef, params, cache, uncond_cache, start, active, eoi, captions, rng, *,
+                      st: _SampleStatic):
+    """Sample an image after each active row's BOI, then append it and EOI to the cache.
+    captions (B, Lc): each row's text before BOI (-1 padded), for caption_cond."""
     model = nnx.merge(graphdef, params)
     # Conditional rows then unconditional ones (k/v carry the batch on axis 1).
     both = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=1 if a.ndim == 5 else 0), cache, uncond_cache)
     starts = jnp.concatenate([start, jnp.full(uncond_cache.end.shape, 2, jnp.int32)])
-    x0 = _denoise_loop(model, both, starts, st, rng)
-    cache = model.append_image(x0, _image_meta(start, st.num_patches, active), cache)
+    x0 = _denoise_loop(model, both, starts, st, rng, jnp.concatenate([captions, jnp.full_like(captions, -1)]))
+    cache = model.append_image(x0, _image_meta(start, st.num_patches, active), cache,
+                               model.caption_features(captions))
     seg = active.astype(jnp.int32)[:, None]
     pos = (start + st.num_patches)[:, None]
     logits, cache = model.text(jnp.full_like(seg, eoi), Meta(seg, jnp.zeros_like(seg), pos), cache)
@@ -473,6 +502,8 @@ class Transfusion(Objective):
             "images": ArraySpec((k,) + self.s.pixel_shape, np.uint8, ("batch", None, None, None, None)),
             "image_start": per_image(np.int32), "image_valid": per_image(np.bool_),
             "noise_cap": per_image(np.bool_),
+            # Each image's caption (caption-first pairs only; -1 padded), for caption_cond.
+            "caption_ids": ArraySpec((k, self.s.max_text_len), np.int32, ("batch", None, None)),
         }
 
     def streams(self) -> list[Stream]:
@@ -507,6 +538,7 @@ class Transfusion(Objective):
         P = self.s.num_patches
         bos, eos = self.tok_ids
         out = {name: np.zeros(a.shape, a.dtype) for name, a in self.example_spec().items()}
+        out["caption_ids"][:] = -1
         cur = 0
         for j, (text, image, capped) in enumerate(pairs):
             image_part = [self.boi] + [0] * P + [self.eoi]
@@ -526,6 +558,8 @@ class Transfusion(Objective):
             out["image_start"][j] = start
             out["image_valid"][j] = True
             out["noise_cap"][j] = capped
+            if caption_first:  # an image-first caption comes after its image: it must not condition it
+                out["caption_ids"][j, :len(text)] = text
             cur += n
         return out
 
@@ -561,7 +595,8 @@ class Transfusion(Objective):
         eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
         x_t = diff.q_sample(x0, t, eps, jnp.asarray(self.acp))
         meta = Meta(batch["segment"], batch["span"], batch["position"])
-        logits, eps_pred, _ = model(batch["tokens"], meta, x_t, t, batch["image_start"], batch["image_valid"])
+        logits, eps_pred, _ = model(batch["tokens"], meta, x_t, t, batch["image_start"], batch["image_valid"],
+                                    caption_ids=batch["caption_ids"])
         lm_loss, lm_metrics = cross_entropy(logits[:, :-1], batch["tokens"][:, 1:], batch["lm_weight"][:, 1:],
                                             s.z_loss)
         valid = batch["image_valid"].astype(jnp.float32)
@@ -628,12 +663,21 @@ class Transfusion(Objective):
             x = _decode_latents(*nnx.split(model.autoencoder), x / self.s.latent_scale)
         return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)).astype(np.uint8)
 
+    def _captions(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """caption_ids rows (N, max_text_len), -1 padded; longer texts keep their last tokens."""
+        out = np.full((len(ids), self.s.max_text_len), -1, np.int32)
+        for i, row in enumerate(ids):
+            row = list(row)[-self.s.max_text_len:]
+            out[i, :len(row)] = row
+        return out
+
     def generate_images(self, model, prompts, rng, cfg_scale=None, steps=None) -> np.ndarray:
         bos = self.tok.bos_id
-        cond = [[bos] + self.text_ids(p) + [self.boi] for p in prompts]
-        prefix, lengths = self._pad(cond + [[bos, self.boi]] * len(prompts))
+        ids = [self.text_ids(p) for p in prompts]
+        prefix, lengths = self._pad([[bos] + i + [self.boi] for i in ids] + [[bos, self.boi]] * len(prompts))
+        captions = self._captions(ids + [[]] * len(prompts))
         graphdef, params = nnx.split(model)
-        x = _sample_images(graphdef, params, prefix, lengths, rng, st=self._static(cfg_scale, steps))
+        x = _sample_images(graphdef, params, prefix, lengths, captions, rng, st=self._static(cfg_scale, steps))
         return self.from_model_space(x, model)
 
     def caption_images(self, model, images, rng) -> list[str]:
@@ -680,8 +724,10 @@ class Transfusion(Objective):
                               Meta(seg, np.zeros_like(seg), boi_pos[:, None]))
         uncond_prefix, uncond_len = self._pad([[bos, self.boi]] * len(prompts))
         _, uncond = _prefill_text(graphdef, params, uncond_prefix, uncond_len, cache_len=cache_len)
+        captions = self._captions([list(tokens[i, 1:lengths[i]]) + list(first[i, :n1[i] - 1])
+                                   for i in range(len(prompts))])
         x0, logits, cache = _image_from_cache(graphdef, params, cache, uncond, boi_pos + 1, wants_image,
-                                              self.eoi, r2, st=self._static())
+                                              self.eoi, captions, r2, st=self._static())
         second, _, _ = _decode_text(graphdef, params, cache, logits, boi_pos + 1 + P + 1, r3, max_new=m,
                                     stop_ids=(eos,), **kw)
         images = self.from_model_space(x0, model)
