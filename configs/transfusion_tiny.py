@@ -1,4 +1,4 @@
-"""Transfusion, tiny: the CPU demo and the README default (32 px scenes, ~4M params).
+"""Transfusion, tiny: the CPU demo and the README default (32 px scenes, U-Net patches, ~5M params).
 
     python -m unimm.main --config=configs/transfusion_tiny.py
 
