@@ -77,15 +77,18 @@ def with_positions(tokens: jax.Array, pos: Optional[nnx.Param]) -> jax.Array:
 
 
 class TimestepMLP(nnx.Module):
-    """Sinusoidal timestep features -> MLP -> (N, dim)."""
+    """Sinusoidal timestep features -> MLP -> (N, dim), plus `extra` (N, dim)
+    conditioning if given (e.g. pooled caption features): what the image path
+    is conditioned on."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, freq_dim: int = 128, dtype=jnp.float32):
         self.freq_dim = freq_dim
         self.fc1 = Linear(freq_dim, dim, (None, "embed"), rngs=rngs, dtype=dtype, use_bias=True)
         self.fc2 = Linear(dim, dim, ("embed", None), rngs=rngs, dtype=dtype, use_bias=True)
 
-    def __call__(self, t: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.silu(self.fc1(timestep_embedding(t, self.freq_dim))))
+    def __call__(self, t: jax.Array, extra: Optional[jax.Array] = None) -> jax.Array:
+        temb = self.fc2(jax.nn.silu(self.fc1(timestep_embedding(t, self.freq_dim))))
+        return temb if extra is None else temb + extra.astype(temb.dtype)
 
 
 class Conv(nnx.Module):
@@ -187,14 +190,8 @@ class LinearPatchIO(nnx.Module):
                       [GroupNorm(refine_channels), Conv(refine_channels, c, zero_init=True, **kw)])
         self.refine = nnx.List(layers)
 
-    def conditioning(self, t: jax.Array, extra: Optional[jax.Array] = None) -> jax.Array:
-        """(N, dim): the timestep embedding, plus `extra` (N, dim) conditioning if given
-        (e.g. pooled caption features); what encode, decode and adaLN condition on."""
-        temb = self.temb(t)
-        return temb if extra is None else temb + extra.astype(temb.dtype)
-
     def encode(self, x: jax.Array, t: jax.Array, extra: Optional[jax.Array] = None):
-        temb = self.conditioning(t, extra)
+        temb = self.temb(t, extra)
         tokens = with_positions(self.inp(patchify(x, self.patch)), self.pos)
         return tokens + temb[:, None, :], (x, temb)
 
@@ -265,13 +262,8 @@ class UNetPatchIO(nnx.Module):
         self.norm_out = GroupNorm(channels[0])
         self.conv_out = Conv(channels[0], c, zero_init=True, **kw)
 
-    def conditioning(self, t: jax.Array, extra: Optional[jax.Array] = None) -> jax.Array:
-        """(N, dim): the timestep embedding, plus `extra` (N, dim) conditioning if given."""
-        temb = self.temb(t)
-        return temb if extra is None else temb + extra.astype(temb.dtype)
-
     def encode(self, x: jax.Array, t: jax.Array, extra: Optional[jax.Array] = None):
-        temb = self.conditioning(t, extra)
+        temb = self.temb(t, extra)
         h = self.conv_in(x)
         skips = []
         for i, blocks in enumerate(self.down):

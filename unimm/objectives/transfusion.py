@@ -245,7 +245,7 @@ class TransfusionModel(nnx.Module):
         (B, T) names each token's image (-1: text)."""
         if not self.adaln:
             return None
-        temb = self.image_io.conditioning(t.reshape(-1), extra)
+        temb = self.image_io.temb(t.reshape(-1), extra)
         return Cond(temb.reshape(t.shape + temb.shape[-1:]), index)
 
     def _patches_cond(self, t, extra=None) -> Optional[Cond]:
@@ -664,12 +664,8 @@ class Transfusion(Objective):
         return np.asarray(jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255)).astype(np.uint8)
 
     def _captions(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """caption_ids rows (N, max_text_len), -1 padded; longer texts keep their last tokens."""
-        out = np.full((len(ids), self.s.max_text_len), -1, np.int32)
-        for i, row in enumerate(ids):
-            row = list(row)[-self.s.max_text_len:]
-            out[i, :len(row)] = row
-        return out
+        """caption_ids rows (N, longest), -1 padded."""
+        return pad_rows(ids, -1)[0]
 
     def generate_images(self, model, prompts, rng, cfg_scale=None, steps=None) -> np.ndarray:
         bos = self.tok.bos_id
