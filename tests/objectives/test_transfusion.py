@@ -25,11 +25,15 @@ def model(objective):
 
 
 # Architecture variants the equivalence tests also cover: 2D RoPE over the
-# patches (no position table), DiT-style adaLN timestep conditioning, and pooled
-# caption conditioning (with adaLN, so it reaches every block).
+# patches (no position table), DiT-style adaLN timestep conditioning, pooled
+# caption conditioning (with adaLN, so it reaches every block), and the README
+# default's U-Net path with self-conditioning.
 VARIANTS = {"rope_2d": dict(image=dict(rope="2d", pos_embedding="none")),
             "adaln": dict(image=dict(timestep_cond="adaln")),
-            "caption_cond": dict(image=dict(timestep_cond="adaln"), transfusion=dict(caption_cond=True))}
+            "caption_cond": dict(image=dict(timestep_cond="adaln"), transfusion=dict(caption_cond=True)),
+            "unet_self_cond": dict(image=dict(io="unet", unet_channels=(8, 8, 16), unet_skips=True,
+                                              unet_global_cond=True),
+                                   transfusion=dict(caption_cond=True, self_cond=True, prediction="v"))}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +143,7 @@ def test_loss_and_flops(objective, model, examples):
     assert objective.flops_per_batch(batch) > 6 * tokens * objective.dcfg.num_params() * 0.9
 
 
-def _full_sequence_eps(objective, model, prompt, x_t, t):
+def _full_sequence_eps(objective, model, prompt, x_t, t, x0_sc=None):
     """Noise prediction from one uncached pass over [BOS prompt BOI image EOI]."""
     ids = [objective.tok.bos_id] + objective.tok.encode(prompt) + [objective.boi]
     P = objective.s.num_patches
@@ -150,7 +154,7 @@ def _full_sequence_eps(objective, model, prompt, x_t, t):
     meta = Meta(np.ones((1, n), np.int32), span, np.arange(n, dtype=np.int32)[None])
     captions = objective._captions([ids[1:-1]])[None]
     _, out, _ = model(seq, meta, x_t[None, None], jnp.array([[t]]), np.array([[len(ids)]]), np.array([[True]]),
-                      caption_ids=captions)
+                      caption_ids=captions, x0_sc=None if x0_sc is None else x0_sc[None, None])
     out = out[0, 0]  # eps or v, per transfusion.prediction; denoise() always returns eps
     if objective.s.prediction == "v":
         out = diff.eps_from_v(out, x_t, jnp.asarray(objective.acp)[t])
@@ -161,19 +165,24 @@ def _full_sequence_eps(objective, model, prompt, x_t, t):
 def test_prefix_cached_denoising_equals_uncached(request, variant):
     objective, model = _variant(request, variant)
     x_t = jax.random.normal(jax.random.key(0), objective.s.image_shape)
-    full, n = _full_sequence_eps(objective, model, "a red circle", x_t, 700)
+    # With self-conditioning the image path also reads an estimate of x0; use a real one.
+    x0_sc = jnp.tanh(jax.random.normal(jax.random.key(5), x_t.shape)) if objective.s.self_cond else None
+    full, n = _full_sequence_eps(objective, model, "a red circle", x_t, 700, x0_sc)
     assert float(jnp.abs(full).mean()) > 1e-2  # a real, non-trivial prediction
+    if x0_sc is not None:  # the estimate is read: it changes the prediction
+        assert not np.allclose(full, _full_sequence_eps(objective, model, "a red circle", x_t, 700)[0], atol=1e-3)
     ids = np.array([[objective.tok.bos_id] + objective.tok.encode("a red circle") + [objective.boi]], np.int32)
     cache = model.decoder.init_cache(1, n)
     _, cache = model.text(ids, Meta(np.ones_like(ids), np.zeros_like(ids), np.arange(n)[None]), cache)
     meta = tf._image_meta(jnp.array([n]), objective.s.num_patches, jnp.array([True]))
     extra = model.caption_features(objective._captions([ids[0, 1:-1]]))
     for _ in range(2):  # the prefix is computed once and reused by every step
-        cached = model.denoise(x_t[None], jnp.array([700]), meta, cache, extra)[0]
+        cached = model.denoise(x_t[None], jnp.array([700]), meta, cache, extra,
+                               None if x0_sc is None else x0_sc[None])[0]
         np.testing.assert_allclose(cached, full, atol=2e-5)
 
 
-@pytest.mark.parametrize("variant", ["default", "caption_cond"])
+@pytest.mark.parametrize("variant", ["default", "caption_cond", "unet_self_cond"])
 def test_cfg_scale_one_equals_the_conditional_prediction(request, variant):
     objective, model = _variant(request, variant)
     bos, boi = objective.tok.bos_id, objective.boi
@@ -185,12 +194,16 @@ def test_cfg_scale_one_equals_the_conditional_prediction(request, variant):
                              True)
     x = jax.random.normal(jax.random.key(1), (1,) + objective.s.image_shape)
     meta = tf._image_meta(jnp.asarray(lengths), objective.s.num_patches, jnp.ones((2,), bool))
-    guided = tf.guided_eps(model, x, 500, meta, cache, 1.0, extra)
+    # Self-conditioning: each of the two rows reads its own estimate of x0.
+    x0_sc = (jnp.tanh(jax.random.normal(jax.random.key(2), (2,) + objective.s.image_shape))
+             if objective.s.self_cond else None)
+    guided = tf.guided_eps(model, x, 500, meta, cache, 1.0, extra, x0_sc)
     cond_meta = tf._image_meta(jnp.asarray(lengths[:1]), objective.s.num_patches, jnp.ones((1,), bool))
     cond_cache = jax.tree.map(lambda a: a[:, :1] if a.ndim == 5 else a[:1], cache)
-    cond = model.denoise(x, jnp.array([500]), cond_meta, cond_cache, None if extra is None else extra[:1])
+    cond = model.denoise(x, jnp.array([500]), cond_meta, cond_cache, None if extra is None else extra[:1],
+                         None if x0_sc is None else x0_sc[:1])
     np.testing.assert_allclose(guided, cond, atol=1e-5)
-    strong = tf.guided_eps(model, x, 500, meta, cache, 3.0, extra)
+    strong = tf.guided_eps(model, x, 500, meta, cache, 3.0, extra, x0_sc)
     assert not np.allclose(strong, cond, atol=1e-4)  # guidance does act at other scales
 
 
@@ -271,3 +284,40 @@ def test_caption_cond_sees_caption_first_captions_only(request, examples):
     feats = model.caption_features(objective._captions([text, [], objective.tok.encode("a blue square")]))
     assert float(jnp.abs(feats[0]).mean()) > 1e-3 and not np.allclose(feats[0], feats[2])
     np.testing.assert_array_equal(feats[1], 0.0)  # no caption: no conditioning, as for CFG's unconditional rows
+
+
+def test_self_conditioning_reads_the_models_own_estimate_on_half_the_steps(request):
+    """The trained pass reads, on a coin's heads, the x0 the same model predicts
+    without help (no gradient through it), and zeros otherwise."""
+    objective, model = _variant(request, "unet_self_cond")
+    shape = (2, 1) + objective.s.image_shape
+    x_t = jax.random.normal(jax.random.key(0), shape)
+    t = jnp.array([[900], [100]])
+    plain = []
+
+    def call(x0_sc):
+        assert x0_sc is None  # the estimating pass itself reads no estimate
+        out = jnp.full(shape, 0.25)  # a fixed v prediction
+        plain.append(out)
+        return None, out, None
+
+    estimates = {bool(jax.random.bernoulli(jax.random.key(i))):
+                 objective._self_cond_estimate(call, x_t, t, jax.random.key(i)) for i in range(8)}
+    assert set(estimates) == {True, False}
+    np.testing.assert_array_equal(estimates[False], 0.0)
+    acp = jnp.asarray(objective.acp)[t][..., None, None, None]
+    expected = jnp.clip(jnp.sqrt(acp) * x_t - jnp.sqrt(1 - acp) * 0.25, -1, 1)  # x0 = sqrt(a) x_t - sqrt(1-a) v
+    np.testing.assert_allclose(estimates[True], expected, atol=1e-5)
+    # Training through it: a finite loss, and on heads a gradient for the weights that read the estimate.
+    source = ShapesSource(resolution=objective.resolution)
+    rows = [objective.encode([source[i]], np.random.default_rng(i)) for i in range(2)]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    heads = next(jax.random.key(i) for i in range(16) if jax.random.bernoulli(jax.random.fold_in(jax.random.key(i), 1)))
+    graphdef, params = nnx.split(model)
+    loss_fn = lambda p: objective.loss(nnx.merge(graphdef, p), batch, heads)[0]
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    assert np.isfinite(float(loss))
+    reads_estimate = grads["image_io"]["conv_in"]["kernel"][...][:, :, objective.s.channels:]
+    assert float(jnp.abs(reads_estimate).max()) > 0
+    # The benchmark's FLOP count knows the image path reads 2C channels.
+    assert objective.flops_per_batch({k: np.asarray(v) for k, v in batch.items()}) > 0

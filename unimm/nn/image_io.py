@@ -9,7 +9,9 @@ Two interchangeable pairs, both conditioned on a diffusion timestep:
   -> output (Transfusion's U-Net variant).
 
 Both expose `encode(x, t) -> (tokens (N, P, E), context)` and
-`decode(h, t, context) -> (N, H, W, C)`; `context` carries the skips.
+`decode(h, t, context) -> (N, H, W, C)`; `context` carries the skips. With
+`in_channels` > C, encode reads C + extra channels (e.g. a self-conditioning
+estimate of the clean image) and decode still returns C.
 """
 
 from __future__ import annotations
@@ -163,13 +165,14 @@ class LinearPatchIO(nnx.Module):
 
     def __init__(self, image_shape: Sequence[int], patch: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  pos_embedding: str = "normal", refine_channels: int = 0, refine_blocks: int = 0,
-                 adaptive_out: bool = False):
+                 adaptive_out: bool = False, in_channels: Optional[int] = None):
         h, w, c = image_shape
         if refine_blocks and not refine_channels:
             raise ValueError("refine_blocks > 0 needs refine_channels > 0 (their width)")
         self.image_shape, self.patch = (h, w, c), patch
         self.num_patches, self.patch_dim = (h // patch) * (w // patch), patch * patch * c
-        self.inp = Linear(self.patch_dim, dim, ("patch", "embed"), rngs=rngs, dtype=dtype, use_bias=True)
+        self.inp = Linear(patch * patch * (in_channels or c), dim, ("patch", "embed"), rngs=rngs, dtype=dtype,
+                          use_bias=True)
         self.pos = position_param(pos_embedding, h // patch, w // patch, dim, rngs)
         self.temb = TimestepMLP(dim, rngs=rngs, dtype=dtype)
         self.out_norm = RMSNorm(dim)
@@ -193,7 +196,7 @@ class LinearPatchIO(nnx.Module):
     def encode(self, x: jax.Array, t: jax.Array, extra: Optional[jax.Array] = None):
         temb = self.temb(t, extra)
         tokens = with_positions(self.inp(patchify(x, self.patch)), self.pos)
-        return tokens + temb[:, None, :], (x, temb)
+        return tokens + temb[:, None, :], (x[..., :self.image_shape[-1]], temb)
 
     def decode(self, h: jax.Array, t: jax.Array, context) -> jax.Array:
         del t
@@ -231,7 +234,8 @@ class UNetPatchIO(nnx.Module):
 
     def __init__(self, image_shape: Sequence[int], patch: int, dim: int, channels: Sequence[int], *,
                  rngs: nnx.Rngs, blocks: int = 1, skips: bool = False, dtype=jnp.float32,
-                 pos_embedding: str = "normal", skip_max_t: int = 0, global_cond: bool = False):
+                 pos_embedding: str = "normal", skip_max_t: int = 0, global_cond: bool = False,
+                 in_channels: Optional[int] = None):
         h, w, c = image_shape
         levels = int(round(math.log2(patch)))
         if 2**levels != patch:
@@ -242,7 +246,7 @@ class UNetPatchIO(nnx.Module):
         self.num_patches = (h // patch) * (w // patch)
         kw = dict(rngs=rngs, dtype=dtype)
         self.temb = TimestepMLP(dim, **kw)
-        self.conv_in = Conv(c, channels[0], **kw)
+        self.conv_in = Conv(in_channels or c, channels[0], **kw)
         self.down = nnx.List([nnx.List([ResBlock(channels[i], channels[i], dim, **kw) for _ in range(blocks)])
                               for i in range(levels + 1)])
         self.downsample = nnx.List([Conv(channels[i], channels[i + 1], 3, 2, **kw) for i in range(levels)])
@@ -307,13 +311,14 @@ class UNetPatchIO(nnx.Module):
 def make_image_io(kind: str, image_shape, patch: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                   channels: Optional[Sequence[int]] = None, blocks: int = 1, skips: bool = False,
                   pos_embedding: str = "normal", refine_channels: int = 0, refine_blocks: int = 0,
-                  skip_max_t: int = 0, global_cond: bool = False, adaptive_out: bool = False):
+                  skip_max_t: int = 0, global_cond: bool = False, adaptive_out: bool = False,
+                  in_channels: Optional[int] = None):
     if kind == "linear":
         return LinearPatchIO(image_shape, patch, dim, rngs=rngs, dtype=dtype, pos_embedding=pos_embedding,
                              refine_channels=refine_channels, refine_blocks=refine_blocks,
-                             adaptive_out=adaptive_out)
+                             adaptive_out=adaptive_out, in_channels=in_channels)
     if kind == "unet":
         return UNetPatchIO(image_shape, patch, dim, channels or [64] * (int(math.log2(patch)) + 1),
                            rngs=rngs, blocks=blocks, skips=skips, dtype=dtype, pos_embedding=pos_embedding,
-                           skip_max_t=skip_max_t, global_cond=global_cond)
+                           skip_max_t=skip_max_t, global_cond=global_cond, in_channels=in_channels)
     raise ValueError(f"unknown image in/out layers {kind!r}; choose 'linear' or 'unet'")

@@ -16,6 +16,8 @@ classifier-free guidance.
 Sampling: the text prefix is run once into a KV cache; every denoising step runs
 only the image tokens against it (read-only), conditional and unconditional rows
 batched together; then the clean image and EOI are appended and text continues.
+With transfusion.self_cond the image path also reads the previous step's x0
+estimate (trained on half the steps with the model's own estimate, else zeros).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Settings:
     caption_first_ratio: float = 0.8
     noise_cap: int = 500
     caption_cond: bool = False  # also add pooled caption embeddings to the timestep conditioning (Imagen, SD3)
+    self_cond: bool = False  # the image path also reads its previous estimate of x0 (Analog Bits' self-conditioning)
     noise_cap_prob: float = 0.8
     cond_dropout: float = 0.1
     max_text_len: int = 24
@@ -196,7 +199,9 @@ class TransfusionModel(nnx.Module):
                                       pos_embedding=s.pos_embedding, refine_channels=s.refine_channels,
                                       refine_blocks=s.refine_blocks,
                                       skip_max_t=s.unet_skip_max_t, global_cond=s.unet_global_cond,
-                                      adaptive_out=s.timestep_cond == "adaln")
+                                      adaptive_out=s.timestep_cond == "adaln",
+                                      in_channels=s.image_shape[-1] * (2 if s.self_cond else 1))
+        self.self_cond = s.self_cond
         self.decoder = Decoder(dcfg, rngs=rngs)
         self.adaln = s.timestep_cond == "adaln"
         # caption_cond: the mean embedding of an image's caption tokens, through an MLP whose output
@@ -240,6 +245,13 @@ class TransfusionModel(nnx.Module):
         pooled = emb.sum(-2) / jnp.maximum(n, 1).astype(emb.dtype)
         return self.caption_out(jax.nn.silu(self.caption_in(pooled))) * (n > 0).astype(emb.dtype)
 
+    def image_input(self, x_t, x0_sc=None):
+        """What the image path reads: x_t, and with self_cond also an estimate of x0
+        (..., H, W, 2C); zeros stand for 'no estimate' (the first sampling step)."""
+        if not self.self_cond:
+            return x_t
+        return jnp.concatenate([x_t, jnp.zeros_like(x_t) if x0_sc is None else x0_sc.astype(x_t.dtype)], -1)
+
     def _cond(self, t, index, extra=None) -> Optional[Cond]:
         """adaLN conditioning: features of images at t (B, k) (with `extra` (B * k, E)); index
         (B, T) names each token's image (-1: text)."""
@@ -253,18 +265,20 @@ class TransfusionModel(nnx.Module):
         return self._cond(t[:, None], jnp.zeros((t.shape[0], self.num_patches), jnp.int32), extra)
 
     def __call__(self, tokens, meta: Meta, images, t, image_start, image_valid,
-                 cache: Optional[KVCache] = None, update_cache: bool = False, caption_ids=None):
+                 cache: Optional[KVCache] = None, update_cache: bool = False, caption_ids=None, x0_sc=None):
         """Text and images (B, k, H, W, C) at noise level t (B, k) in one sequence.
 
         Returns (text logits (B, L, V), the image prediction (B, k, H, W, C): eps
         or v, per `prediction`, and the cache). caption_ids (B, k, Lc): each image's
-        caption for caption_cond (-1 padded; all -1: none)."""
+        caption for caption_cond (-1 padded; all -1: none). x0_sc (B, k, H, W, C):
+        the self-conditioning estimate of the clean images (None: none)."""
         b, length = tokens.shape
         k = images.shape[1]
         x = self.embed(tokens)
         extra = self.caption_features(caption_ids)
         extra = None if extra is None else extra.reshape(b * k, -1)
-        img_tokens, ctx = self.image_io.encode(images.reshape((b * k,) + images.shape[2:]), t.reshape(-1), extra)
+        inp = self.image_input(images, x0_sc)
+        img_tokens, ctx = self.image_io.encode(inp.reshape((b * k,) + inp.shape[2:]), t.reshape(-1), extra)
         slots = self._patch_slots(image_start, image_valid, length)
         rows = jnp.arange(b)[:, None]
         x = x.at[rows, slots].set(img_tokens.reshape(b, -1, x.shape[-1]).astype(x.dtype), mode="drop")
@@ -279,10 +293,11 @@ class TransfusionModel(nnx.Module):
         eps = self.image_io.decode(h_img, t.reshape(-1), ctx)
         return logits, eps.reshape(images.shape), cache
 
-    def denoise(self, x_t, t, meta: Meta, cache: KVCache, extra=None):
+    def denoise(self, x_t, t, meta: Meta, cache: KVCache, extra=None, x0_sc=None):
         """Noise estimate (eps) for images alone (B, H, W, C), attending read-only to a cached
-        prefix; `extra` (B, E): their caption_features, if any."""
-        tokens, ctx = self.image_io.encode(x_t, t, extra)
+        prefix; `extra` (B, E): their caption_features, if any; x0_sc: the self-conditioning
+        estimate of x0 (None: none)."""
+        tokens, ctx = self.image_io.encode(self.image_input(x_t, x0_sc), t, extra)
         h, _ = self.decoder(tokens, self._patches_meta(meta), cache, update_cache=False,
                             cond=self._patches_cond(t, extra))
         out = self.image_io.decode(h, t, ctx)
@@ -292,7 +307,7 @@ class TransfusionModel(nnx.Module):
     def append_image(self, x0, meta: Meta, cache: KVCache, extra=None):
         """Add a clean image's tokens (noise level 0) to the cache."""
         t = jnp.zeros(x0.shape[:1], jnp.int32)
-        tokens, _ = self.image_io.encode(x0, t, extra)
+        tokens, _ = self.image_io.encode(self.image_input(x0), t, extra)
         return self.decoder(tokens, self._patches_meta(meta), cache, update_cache=True,
                             cond=self._patches_cond(t, extra))[1]
 
@@ -326,12 +341,17 @@ def _image_meta(start, num_patches, active):
     return Meta(seg, seg, pos)
 
 
-def guided_eps(model: TransfusionModel, x, t, meta: Meta, cache: KVCache, scale: float, extra=None):
-    """CFG noise estimate for x (B, ...): the cache holds B conditional rows then
-    B unconditional rows; `meta` and `extra` (caption features) cover all 2B rows."""
+def cond_uncond_eps(model: TransfusionModel, x, t, meta: Meta, cache: KVCache, extra=None, x0_sc=None):
+    """Noise estimates (2B, ...) for x (B, ...): the cache holds B conditional rows then
+    B unconditional rows; `meta`, `extra` (caption features) and x0_sc cover all 2B rows."""
     b = x.shape[0]
-    tt = jnp.full((2 * b,), t, jnp.int32)
-    eps = model.denoise(jnp.concatenate([x, x]), tt, meta, cache, extra)
+    return model.denoise(jnp.concatenate([x, x]), jnp.full((2 * b,), t, jnp.int32), meta, cache, extra, x0_sc)
+
+
+def guided_eps(model: TransfusionModel, x, t, meta: Meta, cache: KVCache, scale: float, extra=None, x0_sc=None):
+    """CFG noise estimate for x (B, ...), from cond_uncond_eps."""
+    eps = cond_uncond_eps(model, x, t, meta, cache, extra, x0_sc)
+    b = x.shape[0]
     return diff.guide(eps[:b], eps[b:], scale)
 
 
@@ -347,16 +367,20 @@ def _denoise_loop(model, cache, start, st: _SampleStatic, rng, captions=None):
     x = jax.random.normal(sub, (b,) + st.image_shape, jnp.float32)
 
     def body(i, carry):
-        x, rng = carry
+        x, x0_sc, rng = carry
         t = ts[i]
         a_prev = jnp.where(i + 1 < ts.shape[0], acp[ts[jnp.minimum(i + 1, ts.shape[0] - 1)]], 1.0)
-        eps = guided_eps(model, x, t, meta, cache, st.cfg_scale, extra)
+        both = cond_uncond_eps(model, x, t, meta, cache, extra, x0_sc if model.self_cond else None)
+        eps = diff.guide(both[:b], both[b:], st.cfg_scale)
+        if model.self_cond:  # each row (conditional, unconditional) reads its own last estimate
+            x0_sc = diff.x0_from_eps(jnp.concatenate([x, x]), both, acp[t])
+            x0_sc = x0_sc if st.clip is None else jnp.clip(x0_sc, -st.clip, st.clip)
         rng, sub = jax.random.split(rng)
         noise = jax.random.normal(sub, x.shape, jnp.float32)
         a_t = jnp.full((b,), acp[t])
-        return diff.step(x, eps, a_t, jnp.full((b,), a_prev), st.eta, noise, st.clip), rng
+        return diff.step(x, eps, a_t, jnp.full((b,), a_prev), st.eta, noise, st.clip), x0_sc, rng
 
-    x, _ = jax.lax.fori_loop(0, ts.shape[0], body, (x, rng))
+    x, _, _ = jax.lax.fori_loop(0, ts.shape[0], body, (x, jnp.zeros((2 * b,) + st.image_shape, jnp.float32), rng))
     return x
 
 
@@ -595,8 +619,10 @@ class Transfusion(Objective):
         eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
         x_t = diff.q_sample(x0, t, eps, jnp.asarray(self.acp))
         meta = Meta(batch["segment"], batch["span"], batch["position"])
-        logits, eps_pred, _ = model(batch["tokens"], meta, x_t, t, batch["image_start"], batch["image_valid"],
-                                    caption_ids=batch["caption_ids"])
+        call = functools.partial(model, batch["tokens"], meta, x_t, t, batch["image_start"], batch["image_valid"],
+                                 caption_ids=batch["caption_ids"])
+        x0_sc = self._self_cond_estimate(call, x_t, t, jax.random.fold_in(rng, 1)) if s.self_cond else None
+        logits, eps_pred, _ = call(x0_sc=x0_sc)
         lm_loss, lm_metrics = cross_entropy(logits[:, :-1], batch["tokens"][:, 1:], batch["lm_weight"][:, 1:],
                                             s.z_loss)
         valid = batch["image_valid"].astype(jnp.float32)
@@ -608,6 +634,21 @@ class Transfusion(Objective):
         loss = lm_loss + s.diffusion_weight * diffusion_loss
         return loss, {"lm_loss": lm_metrics["ce"], "lm_accuracy": lm_metrics["accuracy"],
                       "diffusion_loss": diffusion_loss}
+
+    def _self_cond_estimate(self, call, x_t, t, rng):
+        """Self-conditioning (Chen et al., 2022, Analog Bits): on half the steps (one coin
+        per batch, so the extra forward pass runs only then) the model first estimates
+        x0 without help, and the trained pass reads that estimate (no gradient through
+        it); on the others it reads zeros, as the first sampling step does."""
+        s = self.s
+
+        def estimate():
+            pred = call(x0_sc=None)[1].astype(jnp.float32)
+            acp_t = jnp.asarray(self.acp)[t]
+            x0 = diff.x0_from_eps(x_t, diff.eps_from_prediction(s.prediction, pred, x_t, acp_t), acp_t)
+            return jax.lax.stop_gradient(jnp.clip(x0, -1.0, 1.0) if s.clip_x0 else x0)
+
+        return jax.lax.cond(jax.random.bernoulli(rng), estimate, lambda: jnp.zeros_like(x_t))
 
     def tokens_per_batch(self, batch) -> int:
         return int((np.asarray(batch["segment"]) != 0).sum())
@@ -633,8 +674,9 @@ class Transfusion(Objective):
             tokens, ctx = io.encode(x, t)
             return io.decode(tokens, t, ctx)
 
-        return flops_lib.xla_flops(run, state, jax.ShapeDtypeStruct((1,) + self.s.image_shape, jnp.float32),
-                                   jax.ShapeDtypeStruct((1,), jnp.int32))
+        h, w, c = self.s.image_shape
+        inputs = jax.ShapeDtypeStruct((1, h, w, c * (2 if self.s.self_cond else 1)), jnp.float32)
+        return flops_lib.xla_flops(run, state, inputs, jax.ShapeDtypeStruct((1,), jnp.int32))
 
     @functools.cached_property
     def _encoder_flops(self) -> float:
