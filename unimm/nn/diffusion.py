@@ -54,10 +54,11 @@ def sampling_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int32))[::-1].copy()
 
 
-def x0_from_eps(x_t: jax.Array, eps: jax.Array, acp_t: jax.Array) -> jax.Array:
-    """The clean image a noise estimate implies at signal level acp_t."""
+def x0_from_eps(x_t: jax.Array, eps: jax.Array, acp_t: jax.Array, clip: float | None = None) -> jax.Array:
+    """The clean image a noise estimate implies at signal level acp_t, bounded by `clip` if given."""
     a = _bcast(acp_t, x_t)
-    return (x_t - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+    x0 = (x_t - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+    return x0 if clip is None else jnp.clip(x0, -clip, clip)
 
 
 def step(x_t: jax.Array, eps: jax.Array, a_t: jax.Array, a_prev: jax.Array, eta: float,
@@ -68,10 +69,9 @@ def step(x_t: jax.Array, eps: jax.Array, a_t: jax.Array, a_prev: jax.Array, eta:
     posterior variance of the respaced schedule. `clip` bounds the predicted x0
     (pixels in [-1, 1]); the noise estimate is then made consistent with it.
     """
-    x0 = x0_from_eps(x_t, eps, a_t)
+    x0 = x0_from_eps(x_t, eps, a_t, clip)
     a_t, a_prev = _bcast(a_t, x_t), _bcast(a_prev, x_t)
     if clip is not None:
-        x0 = jnp.clip(x0, -clip, clip)
         eps = (x_t - jnp.sqrt(a_t) * x0) / jnp.sqrt(1.0 - a_t)
     var = eta**2 * (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
     direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - var, 0.0)) * eps

@@ -370,17 +370,18 @@ def _denoise_loop(model, cache, start, st: _SampleStatic, rng, captions=None):
         x, x0_sc, rng = carry
         t = ts[i]
         a_prev = jnp.where(i + 1 < ts.shape[0], acp[ts[jnp.minimum(i + 1, ts.shape[0] - 1)]], 1.0)
-        both = cond_uncond_eps(model, x, t, meta, cache, extra, x0_sc if model.self_cond else None)
+        both = cond_uncond_eps(model, x, t, meta, cache, extra, x0_sc)
         eps = diff.guide(both[:b], both[b:], st.cfg_scale)
         if model.self_cond:  # each row (conditional, unconditional) reads its own last estimate
-            x0_sc = diff.x0_from_eps(jnp.concatenate([x, x]), both, acp[t])
-            x0_sc = x0_sc if st.clip is None else jnp.clip(x0_sc, -st.clip, st.clip)
+            x0_sc = diff.x0_from_eps(jnp.concatenate([x, x]), both, acp[t], st.clip)
         rng, sub = jax.random.split(rng)
         noise = jax.random.normal(sub, x.shape, jnp.float32)
         a_t = jnp.full((b,), acp[t])
         return diff.step(x, eps, a_t, jnp.full((b,), a_prev), st.eta, noise, st.clip), x0_sc, rng
 
-    x, _, _ = jax.lax.fori_loop(0, ts.shape[0], body, (x, jnp.zeros((2 * b,) + st.image_shape, jnp.float32), rng))
+    # Without self_cond the carried estimate is None: nothing extra in the loop.
+    x0_sc = jnp.zeros((2 * b,) + st.image_shape, jnp.float32) if model.self_cond else None
+    x, _, _ = jax.lax.fori_loop(0, ts.shape[0], body, (x, x0_sc, rng))
     return x
 
 
@@ -645,8 +646,8 @@ class Transfusion(Objective):
         def estimate():
             pred = call(x0_sc=None)[1].astype(jnp.float32)
             acp_t = jnp.asarray(self.acp)[t]
-            x0 = diff.x0_from_eps(x_t, diff.eps_from_prediction(s.prediction, pred, x_t, acp_t), acp_t)
-            return jax.lax.stop_gradient(jnp.clip(x0, -1.0, 1.0) if s.clip_x0 else x0)
+            eps = diff.eps_from_prediction(s.prediction, pred, x_t, acp_t)
+            return jax.lax.stop_gradient(diff.x0_from_eps(x_t, eps, acp_t, 1.0 if s.clip_x0 else None))
 
         return jax.lax.cond(jax.random.bernoulli(rng), estimate, lambda: jnp.zeros_like(x_t))
 
