@@ -37,9 +37,12 @@ def test_tiny_model_overfits_a_handful_of_examples(tiny_config, devices, tmp_pat
 
 
 def _sigterm_when(workdir, step):
-    """Send SIGTERM to this process once `step` is logged (a preemption)."""
+    """Send SIGTERM to this process once `step` is logged (a preemption). Watches until
+    the returned event is set, however long compilation takes on a busy machine."""
+    done = threading.Event()
+
     def watch():
-        for _ in range(3000):
+        while not done.is_set():
             path = workdir / "metrics.jsonl"
             if path.exists() and any(json.loads(l)["step"] >= step for l in path.read_text().splitlines()):
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -47,7 +50,7 @@ def _sigterm_when(workdir, step):
             time.sleep(0.01)
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
-    return thread
+    return thread, done
 
 
 def test_preempted_and_resumed_run_matches_an_uninterrupted_one(tiny_config, devices, tmp_path):
@@ -55,8 +58,9 @@ def test_preempted_and_resumed_run_matches_an_uninterrupted_one(tiny_config, dev
     cfg.train.update(steps=8, checkpoint_every=100)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     Trainer(cfg, whole, devices=devices[:1]).train()
-    watcher = _sigterm_when(parts, 3)
+    watcher, done = _sigterm_when(parts, 3)
     first = Trainer(cfg, parts, devices=devices[:1]).train()
+    done.set()
     watcher.join()
     assert first.get("interrupted") and first["step"] < 8
     assert (parts / "checkpoints" / str(first["step"])).exists()
