@@ -25,7 +25,7 @@ SIZES = {
 
 def tiny_config() -> ml_collections.ConfigDict:
     """The CPU demo: 32 px scenes, U-Net down/up blocks to 8x8 patches (16 image
-    tokens), a 4-layer decoder, 11 to 20 minutes on 2 CPU cores (by machine).
+    tokens), a 4-layer decoder, 11 to 23 minutes on 2 CPU cores (by machine).
 
     Departures from the paper, measured on this CPU (docs/transfusion.md):
     v-prediction instead of eps (eps-prediction's noisiest steps barely move
