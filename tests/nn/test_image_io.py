@@ -86,6 +86,21 @@ def test_unet_skips_leave_the_token_level_to_the_transformer():
     assert not np.allclose(out, io.decode(tokens + 1.0, None, ctx))  # the transformer's output matters
 
 
+def test_unet_token_skip_widens_the_token_level_and_carries_the_down_path():
+    io = make_image_io("unet", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0), channels=(8, 8, 16), skips=True,
+                       token_skip=True)
+    assert io.up[2][0].conv1.kernel[...].shape[2] == 32  # channels[2] and its skip
+    io.conv_out.kernel[...] = jax.random.normal(jax.random.key(1), io.conv_out.kernel[...].shape) * 0.1
+    x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
+    tokens, (temb, skips) = io.encode(x, jnp.array([500]))
+    # With the transformer's output held fixed, the token-level skip alone changes the output.
+    changed = skips[:2] + [skips[2] + 1.0]
+    assert not np.allclose(io.decode(tokens, None, (temb, skips)), io.decode(tokens, None, (temb, changed)))
+    # Without skips the setting has nothing to add to.
+    plain = make_image_io("unet", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0), channels=(8, 8, 16), token_skip=True)
+    assert plain.up[2][0].conv1.kernel[...].shape[2] == 16
+
+
 def test_unet_skips_can_be_withheld_at_high_noise():
     io = make_image_io("unet", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0), channels=(8, 8, 16), skips=True,
                        skip_max_t=500)

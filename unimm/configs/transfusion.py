@@ -56,7 +56,7 @@ def recipe_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         remat="none"))
     c.image = ml_collections.ConfigDict(dict(
         resolution=32, channels=3, patch_size=4, io="linear", unet_channels=(32, 64, 128), unet_blocks=1,
-        unet_skips=False, unet_skip_max_t=0, unet_global_cond=False, pos_embedding="normal", rope="1d", timestep_cond="add", refine_channels=0, refine_blocks=0, latent="pixels", latent_scale=0.0))
+        unet_skips=False, unet_skip_max_t=0, unet_token_skip=False, unet_global_cond=False, pos_embedding="normal", rope="1d", timestep_cond="add", refine_channels=0, refine_blocks=0, latent="pixels", latent_scale=0.0))
     c.transfusion = ml_collections.ConfigDict(dict(
         diffusion_weight=5.0, prediction="eps", loss_weighting="none", min_snr_gamma=5.0, num_timesteps=1000, schedule="cosine",
         timestep_sampling="uniform", timestep_mean=0.0, timestep_std=1.0,

@@ -235,7 +235,7 @@ class UNetPatchIO(nnx.Module):
     def __init__(self, image_shape: Sequence[int], patch: int, dim: int, channels: Sequence[int], *,
                  rngs: nnx.Rngs, blocks: int = 1, skips: bool = False, dtype=jnp.float32,
                  pos_embedding: str = "normal", skip_max_t: int = 0, global_cond: bool = False,
-                 in_channels: Optional[int] = None):
+                 in_channels: Optional[int] = None, token_skip: bool = False):
         h, w, c = image_shape
         levels = int(round(math.log2(patch)))
         if 2**levels != patch:
@@ -256,9 +256,11 @@ class UNetPatchIO(nnx.Module):
         self.from_model = Linear(dim, channels[-1], ("embed", "conv"), use_bias=True, **kw)
         self.global_cond = Linear(dim, dim, ("embed", None), use_bias=True, **kw) if global_cond else None
         self.skips, self.skip_max_t = skips, skip_max_t
-        # No skip at the token resolution: it would hand the up path the very
-        # features the transformer reads, and the model could ignore the text.
-        width = lambda i: 2 if skips and i < levels else 1
+        # By default no skip at the token resolution: it would hand the up path the
+        # very features the transformer reads, and the model could ignore the text
+        # (`token_skip` adds it, for a model that also gets the text by pooled conditioning).
+        self.token_skip = bool(skips and token_skip)
+        width = lambda i: 2 if skips and (i < levels or self.token_skip) else 1
         self.up = nnx.List([nnx.List([ResBlock(width(i) * channels[i], channels[i], dim, **kw)] +
                                      [ResBlock(channels[i], channels[i], dim, **kw) for _ in range(blocks - 1)])
                             for i in range(levels + 1)])
@@ -297,7 +299,7 @@ class UNetPatchIO(nnx.Module):
         x = x.reshape(x.shape[0], hh // g, ww // g, x.shape[-1])
         for i in reversed(range(len(self.up))):
             blocks = self.up[i]
-            if self.skips and i < len(self.up) - 1:
+            if self.skips and (i < len(self.up) - 1 or self.token_skip):
                 x = jnp.concatenate([x, skips[i].astype(x.dtype)], axis=-1)
             x = blocks[0](x, temb)
             for block in blocks[1:]:
@@ -312,7 +314,7 @@ def make_image_io(kind: str, image_shape, patch: int, dim: int, *, rngs: nnx.Rng
                   channels: Optional[Sequence[int]] = None, blocks: int = 1, skips: bool = False,
                   pos_embedding: str = "normal", refine_channels: int = 0, refine_blocks: int = 0,
                   skip_max_t: int = 0, global_cond: bool = False, adaptive_out: bool = False,
-                  in_channels: Optional[int] = None):
+                  in_channels: Optional[int] = None, token_skip: bool = False):
     if kind == "linear":
         return LinearPatchIO(image_shape, patch, dim, rngs=rngs, dtype=dtype, pos_embedding=pos_embedding,
                              refine_channels=refine_channels, refine_blocks=refine_blocks,
@@ -320,5 +322,6 @@ def make_image_io(kind: str, image_shape, patch: int, dim: int, *, rngs: nnx.Rng
     if kind == "unet":
         return UNetPatchIO(image_shape, patch, dim, channels or [64] * (int(math.log2(patch)) + 1),
                            rngs=rngs, blocks=blocks, skips=skips, dtype=dtype, pos_embedding=pos_embedding,
-                           skip_max_t=skip_max_t, global_cond=global_cond, in_channels=in_channels)
+                           skip_max_t=skip_max_t, global_cond=global_cond, in_channels=in_channels,
+                           token_skip=token_skip)
     raise ValueError(f"unknown image in/out layers {kind!r}; choose 'linear' or 'unet'")
