@@ -33,7 +33,8 @@ VARIANTS = {"rope_2d": dict(image=dict(rope="2d", pos_embedding="none")),
             "caption_cond": dict(image=dict(timestep_cond="adaln"), transfusion=dict(caption_cond=True)),
             "unet_self_cond": dict(image=dict(io="unet", unet_channels=(8, 8, 16), unet_skips=True,
                                               unet_global_cond=True),
-                                   transfusion=dict(caption_cond=True, self_cond=True, prediction="v"))}
+                                   transfusion=dict(caption_cond=True, self_cond=True, prediction="v")),
+            "caption_own": dict(transfusion=dict(caption_cond=True, caption_embedding="own"))}
 
 
 @pytest.fixture(scope="module")
@@ -261,6 +262,7 @@ def test_interleaved_generation(objective):
     (dict(image=dict(refine_blocks=2)), "refine_blocks > 0 needs image.refine_channels"),
     (dict(transfusion=dict(timestep_sampling="beta")), "unknown timestep sampling 'beta'"),
     (dict(image=dict(rope="3d")), "image.rope='3d'; choose '1d' or '2d'"),
+    (dict(transfusion=dict(caption_embedding="clip")), "caption_embedding='clip'; choose 'shared' or 'own'"),
     (dict(image=dict(timestep_cond="film")), "image.timestep_cond='film'; choose 'add' or 'adaln'"),
     (dict(image=dict(io="linear", unet_global_cond=True)), "image.unet_global_cond set, but U-Net settings apply only"),
 ])
@@ -284,6 +286,20 @@ def test_caption_cond_sees_caption_first_captions_only(request, examples):
     feats = model.caption_features(objective._captions([text, [], objective.tok.encode("a blue square")]))
     assert float(jnp.abs(feats[0]).mean()) > 1e-3 and not np.allclose(feats[0], feats[2])
     np.testing.assert_array_equal(feats[1], 0.0)  # no caption: no conditioning, as for CFG's unconditional rows
+
+
+def test_caption_cond_can_pool_a_table_of_its_own(request, examples):
+    """With caption_embedding='own' the pooled caption reads its own table, not the LM's."""
+    objective, model = _variant(request, "caption_own")
+    ids = objective._captions([objective.tok.encode(examples[0]["caption"])])
+    before = model.caption_features(ids)
+    assert float(jnp.abs(before).mean()) > 1e-3
+    saved = model.embed.embedding[...]
+    model.embed.embedding[...] = saved + 1.0
+    np.testing.assert_array_equal(model.caption_features(ids), before)
+    model.embed.embedding[...] = saved
+    model.caption_embed.embedding[...] = model.caption_embed.embedding[...] + 1.0
+    assert not np.allclose(model.caption_features(ids), before)
 
 
 def test_self_conditioning_reads_the_models_own_estimate_on_half_the_steps(request):

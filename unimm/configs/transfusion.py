@@ -61,7 +61,7 @@ def recipe_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         diffusion_weight=5.0, prediction="eps", loss_weighting="none", min_snr_gamma=5.0, num_timesteps=1000, schedule="cosine",
         timestep_sampling="uniform", timestep_mean=0.0, timestep_std=1.0,
         caption_first_ratio=0.8, noise_cap=500,
-        noise_cap_prob=0.8, cond_dropout=0.1, caption_cond=False, self_cond=False, max_text_len=24, pairs_per_sequence=1, z_loss=0.0))
+        noise_cap_prob=0.8, cond_dropout=0.1, caption_cond=False, caption_embedding="shared", self_cond=False, max_text_len=24, pairs_per_sequence=1, z_loss=0.0))
     c.sampling = ml_collections.ConfigDict(dict(
         sampler="ddim", sample_steps=50, cfg_scale=3.0, ddim_eta=0.0, clip_x0=True, max_new_tokens=24,
         temperature=0.0))

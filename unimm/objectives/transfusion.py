@@ -82,6 +82,7 @@ class Settings:
     caption_first_ratio: float = 0.8
     noise_cap: int = 500
     caption_cond: bool = False  # also add pooled caption embeddings to the timestep conditioning (Imagen, SD3)
+    caption_embedding: str = "shared"  # caption_cond pools: shared (the LM's token table) | own (a table of its own)
     self_cond: bool = False  # the image path also reads its previous estimate of x0 (Analog Bits' self-conditioning)
     noise_cap_prob: float = 0.8
     cond_dropout: float = 0.1
@@ -118,6 +119,8 @@ class Settings:
         if unet_only and self.io != "unet":
             raise ValueError(f"image.{', image.'.join(unet_only)} set, but U-Net settings apply only to "
                              f"image.io='unet' (it is {self.io!r}); set image.io='unet' or drop them")
+        if self.caption_embedding not in ("shared", "own"):
+            raise ValueError(f"transfusion.caption_embedding={self.caption_embedding!r}; choose 'shared' or 'own'")
         if self.rope not in ("1d", "2d"):
             raise ValueError(f"image.rope={self.rope!r}; choose '1d' or '2d'")
         if self.timestep_cond not in ("add", "adaln"):
@@ -212,6 +215,9 @@ class TransfusionModel(nnx.Module):
         self.caption_in = Linear(d, d, ("embed", None), rngs=rngs, dtype=dtype, use_bias=True) if s.caption_cond else None
         self.caption_out = (Linear(d, d, (None, "embed"), rngs=rngs, dtype=dtype, use_bias=True, zero_init=True)
                             if s.caption_cond else None)
+        # `own`: a table only the image path trains, free of what the LM loss asks of the token embeddings.
+        self.caption_embed = (Embed(vocab_size, d, rngs=rngs, dtype=dtype)
+                              if s.caption_cond and s.caption_embedding == "own" else None)
         self.lm_head = Linear(dcfg.d_model, vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype)
         self.num_patches = s.num_patches
         self.rope_width = s.latent_resolution // s.patch_size if s.rope == "2d" else 0
@@ -243,7 +249,8 @@ class TransfusionModel(nnx.Module):
             return None
         valid = caption_ids >= 0
         n = valid.sum(-1, keepdims=True)
-        emb = self.embed(jnp.maximum(caption_ids, 0)) * valid[..., None].astype(self.caption_in.dtype)
+        table = self.embed if self.caption_embed is None else self.caption_embed
+        emb = table(jnp.maximum(caption_ids, 0)) * valid[..., None].astype(self.caption_in.dtype)
         pooled = emb.sum(-2) / jnp.maximum(n, 1).astype(emb.dtype)
         return self.caption_out(jax.nn.silu(self.caption_in(pooled))) * (n > 0).astype(emb.dtype)
 
