@@ -37,8 +37,10 @@ def tiny_transfusion_config(**overrides):
     c = tiny_config()
     c.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, qk_norm=True)
     # The paper's path (linear patches, text only through attention); tests add the rest as variants.
-    c.image.update(resolution=16, patch_size=4, io="linear", unet_skips=False, unet_global_cond=False)
-    c.transfusion.update(max_text_len=16, caption_cond=False)
+    c.image.update(resolution=16, patch_size=4, io="linear", unet_skips=False, unet_token_skip=False,
+                   unet_global_cond=False)
+    c.transfusion.update(max_text_len=16, caption_cond=False, caption_first_ratio=0.8)
+    c.data.weights = None  # every scene kind
     return _short_run(c, overrides)
 
 

@@ -101,6 +101,23 @@ def test_unet_token_skip_widens_the_token_level_and_carries_the_down_path():
     assert plain.up[2][0].conv1.kernel[...].shape[2] == 16
 
 
+def test_unet_mid_blocks_process_the_tokens_but_not_the_token_level_skip():
+    kw = dict(channels=(8, 8, 16), skips=True, token_skip=True)
+    io = make_image_io("unet", (16, 16, 3), 4, 24, mid_blocks=1, rngs=nnx.Rngs(0), **kw)
+    plain = make_image_io("unet", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0), **kw)
+    assert len(io.mid) == 1 and len(plain.mid) == 0
+    # A ResBlock starts as the identity (zero-initialised second conv): make it do something.
+    block = io.mid[0]
+    block.conv2.kernel[...] = jax.random.normal(jax.random.key(2), block.conv2.kernel[...].shape) * 0.1
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    t = jnp.array([100, 800])
+    tokens, (_, skips) = io.encode(x, t)
+    plain_tokens, (_, plain_skips) = plain.encode(x, t)
+    for a, b in zip(skips, plain_skips):  # same down path (same init): the skips never see the middle
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert tokens.shape == plain_tokens.shape and not np.allclose(tokens, plain_tokens)
+
+
 def test_unet_skips_can_be_withheld_at_high_noise():
     io = make_image_io("unet", (16, 16, 3), 4, 24, rngs=nnx.Rngs(0), channels=(8, 8, 16), skips=True,
                        skip_max_t=500)

@@ -235,7 +235,7 @@ class UNetPatchIO(nnx.Module):
     def __init__(self, image_shape: Sequence[int], patch: int, dim: int, channels: Sequence[int], *,
                  rngs: nnx.Rngs, blocks: int = 1, skips: bool = False, dtype=jnp.float32,
                  pos_embedding: str = "normal", skip_max_t: int = 0, global_cond: bool = False,
-                 in_channels: Optional[int] = None, token_skip: bool = False):
+                 in_channels: Optional[int] = None, token_skip: bool = False, mid_blocks: int = 0):
         h, w, c = image_shape
         levels = int(round(math.log2(patch)))
         if 2**levels != patch:
@@ -250,6 +250,9 @@ class UNetPatchIO(nnx.Module):
         self.down = nnx.List([nnx.List([ResBlock(channels[i], channels[i], dim, **kw) for _ in range(blocks)])
                               for i in range(levels + 1)])
         self.downsample = nnx.List([Conv(channels[i], channels[i + 1], 3, 2, **kw) for i in range(levels)])
+        # mid_blocks: conv ResBlocks at the token resolution ahead of the transformer (a classic
+        # U-Net's middle), so the token-level skip and the tokens differ by more than a projection.
+        self.mid = nnx.List([ResBlock(channels[-1], channels[-1], dim, **kw) for _ in range(mid_blocks)])
         self.to_model = Linear(channels[-1], dim, ("conv", "embed"), use_bias=True, **kw)
         self.pos = position_param(pos_embedding, h // patch, w // patch, dim, rngs)
         self.out_norm = RMSNorm(dim)
@@ -278,6 +281,8 @@ class UNetPatchIO(nnx.Module):
             skips.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
+        for block in self.mid:
+            h = block(h, temb)
         n, gh, gw, ch = h.shape
         tokens = with_positions(self.to_model(h.reshape(n, gh * gw, ch)), self.pos)
         if self.skips and self.skip_max_t:
@@ -314,7 +319,7 @@ def make_image_io(kind: str, image_shape, patch: int, dim: int, *, rngs: nnx.Rng
                   channels: Optional[Sequence[int]] = None, blocks: int = 1, skips: bool = False,
                   pos_embedding: str = "normal", refine_channels: int = 0, refine_blocks: int = 0,
                   skip_max_t: int = 0, global_cond: bool = False, adaptive_out: bool = False,
-                  in_channels: Optional[int] = None, token_skip: bool = False):
+                  in_channels: Optional[int] = None, token_skip: bool = False, mid_blocks: int = 0):
     if kind == "linear":
         return LinearPatchIO(image_shape, patch, dim, rngs=rngs, dtype=dtype, pos_embedding=pos_embedding,
                              refine_channels=refine_channels, refine_blocks=refine_blocks,
@@ -323,5 +328,5 @@ def make_image_io(kind: str, image_shape, patch: int, dim: int, *, rngs: nnx.Rng
         return UNetPatchIO(image_shape, patch, dim, channels or [64] * (int(math.log2(patch)) + 1),
                            rngs=rngs, blocks=blocks, skips=skips, dtype=dtype, pos_embedding=pos_embedding,
                            skip_max_t=skip_max_t, global_cond=global_cond, in_channels=in_channels,
-                           token_skip=token_skip)
+                           token_skip=token_skip, mid_blocks=mid_blocks)
     raise ValueError(f"unknown image in/out layers {kind!r}; choose 'linear' or 'unet'")

@@ -64,6 +64,7 @@ class Settings:
     unet_skips: bool = False
     unet_skip_max_t: int = 0  # > 0: skips only at timesteps below this (the noisier ones rely on the text)
     unet_token_skip: bool = False  # with unet_skips, also a skip at the token resolution (around the transformer)
+    unet_mid_blocks: int = 0  # conv ResBlocks at the token resolution, ahead of the transformer
     unet_global_cond: bool = False  # condition every up-path block on the transformer's mean image output
     pos_embedding: str = "normal"  # patch positions: normal (N(0, 0.02) start) | sincos (2D sin-cos start)
     rope: str = "1d"  # RoPE over image patches: 1d (sequence order, the paper) | 2d (row and column)
@@ -115,7 +116,8 @@ class Settings:
             raise ValueError(f"transfusion.prediction={self.prediction!r}; choose from {diff.PREDICTIONS}")
         diff.loss_weight(self.loss_weighting, self.prediction, jnp.array([0.5]))
         diff.eta_for(self.sampler)
-        unet_only = [k for k in ("unet_skips", "unet_skip_max_t", "unet_global_cond", "unet_token_skip") if getattr(self, k)]
+        unet_only = [k for k in ("unet_skips", "unet_skip_max_t", "unet_global_cond", "unet_token_skip",
+                                 "unet_mid_blocks") if getattr(self, k)]
         if unet_only and self.io != "unet":
             raise ValueError(f"image.{', image.'.join(unet_only)} set, but U-Net settings apply only to "
                              f"image.io='unet' (it is {self.io!r}); set image.io='unet' or drop them")
@@ -205,7 +207,7 @@ class TransfusionModel(nnx.Module):
                                       skip_max_t=s.unet_skip_max_t, global_cond=s.unet_global_cond,
                                       adaptive_out=s.timestep_cond == "adaln",
                                       in_channels=s.image_shape[-1] * (2 if s.self_cond else 1),
-                                      token_skip=s.unet_token_skip)
+                                      token_skip=s.unet_token_skip, mid_blocks=s.unet_mid_blocks)
         self.self_cond = s.self_cond
         self.decoder = Decoder(dcfg, rngs=rngs)
         self.adaln = s.timestep_cond == "adaln"
