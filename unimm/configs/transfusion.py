@@ -25,7 +25,7 @@ SIZES = {
 
 def tiny_config() -> ml_collections.ConfigDict:
     """The CPU demo: 32 px one-object scenes, a 3-level U-Net down to 8x8 patches
-    (64 image tokens), a 1-layer decoder; about 14 minutes on 2 CPU cores.
+    (64 image tokens), a 1-layer decoder; about 11 minutes on 2 CPU cores.
 
     Departures from the paper, each measured on this CPU (docs/transfusion.md):
     v-prediction instead of eps (eps-prediction's noisiest steps barely move its
