@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
     "--config=configs/transfusion_tiny.py", "--config.model.num_layers=1", "--config.model.d_model=32",
     "--config.model.num_heads=2", "--config.model.num_kv_heads=2", "--config.model.head_dim=16",
-    "--config.model.mlp_dim=64", "--config.image.resolution=16", "--config.image.unet_channels=8,8,8,16",
+    "--config.model.mlp_dim=64", "--config.image.resolution=16", "--config.image.unet_channels=8,8,16",
     "--config.data.batch_size=8", "--config.train.steps=2", "--config.train.checkpoint_every=2",
     "--config.train.final_eval=False", "--config.train.mfu=False", "--config.sampling.sample_steps=2",
     "--config.sampling.max_new_tokens=4", "--config.mesh.shape.data=1",
