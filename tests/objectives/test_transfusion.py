@@ -266,6 +266,7 @@ def test_interleaved_generation(objective):
     (dict(image=dict(timestep_cond="film")), "image.timestep_cond='film'; choose 'add' or 'adaln'"),
     (dict(image=dict(io="linear", unet_global_cond=True)), "image.unet_global_cond set, but U-Net settings apply only"),
     (dict(image=dict(io="linear", unet_mid_blocks=1)), "image.unet_mid_blocks set, but U-Net settings apply only"),
+    (dict(image=dict(unet_mid_blocks=-1)), "image.unet_mid_blocks=-1; it counts ResBlocks"),
 ])
 def test_bad_image_settings_fail_before_anything_is_built(tiny_config, override, message):
     c = tiny_config.copy_and_resolve_references()

@@ -116,6 +116,8 @@ class Settings:
             raise ValueError(f"transfusion.prediction={self.prediction!r}; choose from {diff.PREDICTIONS}")
         diff.loss_weight(self.loss_weighting, self.prediction, jnp.array([0.5]))
         diff.eta_for(self.sampler)
+        if self.unet_mid_blocks < 0:
+            raise ValueError(f"image.unet_mid_blocks={self.unet_mid_blocks}; it counts ResBlocks: 0 or more")
         unet_only = [k for k in ("unet_skips", "unet_skip_max_t", "unet_global_cond", "unet_token_skip",
                                  "unet_mid_blocks") if getattr(self, k)]
         if unet_only and self.io != "unet":
