@@ -69,5 +69,7 @@ def tiny_showo_config(tokenizer_workdir: str = "", **overrides):
     c.image.resolution = 16
     c.image_tokenizer = with_workdir(tiny_tokenizer_config())
     c.image_tokenizer.workdir = str(tokenizer_workdir)
-    c.showo.update(max_text_len=20)
+    # Every stream and scene kind in the batches, whatever the demo trains on.
+    c.showo.update(max_text_len=20, t2i_ratio=0.6, mmu_ratio=0.3, lm_ratio=0.1)
+    c.data.weights = None
     return _short_run(c, overrides)

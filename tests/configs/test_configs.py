@@ -87,3 +87,13 @@ def test_showo_1b_has_phi_1_5_parameters():
     assert abs(transformer - 1.42e9) / 1.42e9 <= 0.05, transformer
     obj = objectives.build(config, shapes_only=True)
     assert obj.vocab_size == 50295 + 8192 + 7 and obj.num_tokens == 256
+
+
+def test_demos_train_on_one_object_scenes_by_category_name():
+    from unimm.configs import common, showo, transfusion
+
+    for c in (showo.tiny_config(), transfusion.tiny_config()):
+        drawn = {k for k, w in zip(c.data.categories, c.data.weights) if w}
+        assert drawn == {"single_object", "colors"}
+    with pytest.raises(ValueError, match="not in data.categories"):
+        common.only_categories(common.base_config().data, ("single_objects",))

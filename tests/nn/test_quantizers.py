@@ -66,6 +66,23 @@ def test_vq_restarts_dead_codes_on_batch_vectors(ema):
         np.testing.assert_array_equal(after[used], before[used])
 
 
+def test_vq_restarts_land_where_the_codebook_fits_worst():
+    """Restarts draw vectors in proportion to their quantization error: a batch that is
+    mostly one vector already on a code (a blank background) restarts its dead codes on
+    the few vectors the codebook misses, never on that one."""
+    vq = VectorQuantizer(8, 3, rngs=nnx.Rngs(0), ema_decay=0.0, usage_decay=0.0, restart_threshold=0.5)
+    book = np.asarray(vq.codebook[...])
+    background = np.repeat(book[:1], 60, 0)  # exactly on code 0: error 0
+    outliers = book[1:2] + np.array([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [-5.0, 0, 0]])
+    z = jnp.asarray(np.concatenate([background, outliers]), jnp.float32)
+    vq(z, train=True, rng=jax.random.key(0))
+    after = np.asarray(vq.codebook[...])
+    restarted = [k for k in range(8) if not np.allclose(after[k], book[k])]
+    assert len(restarted) >= 5  # every code but 0 and the outliers' nearest is dead
+    for k in restarted:
+        assert np.min(np.abs(outliers - after[k]).sum(-1)) < 1e-5
+
+
 def test_lfq_codes_are_sign_bits_and_round_trip():
     lfq = LookupFreeQuantizer(5)
     z = jax.random.normal(jax.random.key(0), (4, 7, 5))

@@ -94,3 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.mesh.rules = DEFAULT_RULES
     return c
+
+
+ONE_OBJECT = ("single_object", "colors")  # the scene kinds with one object: what the CPU demos train on
+
+
+def only_categories(data: ml_collections.ConfigDict, names=ONE_OBJECT) -> tuple:
+    """data.weights that draw only the named categories (of data.categories)."""
+    unknown = sorted(set(names) - set(data.categories))
+    if unknown:
+        raise ValueError(f"categories {unknown} are not in data.categories {tuple(data.categories)}")
+    return tuple(int(k in names) for k in data.categories)

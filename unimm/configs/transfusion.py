@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from unimm.configs import kl_vae
-from unimm.configs.common import base_config
+from unimm.configs.common import base_config, only_categories
 from unimm.data import spec as spec_lib
 
 
@@ -47,7 +47,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     c.transfusion.update(max_text_len=16, prediction="v", caption_cond=True, caption_first_ratio=1.0)
     c.sampling.update(sample_steps=25, cfg_scale=5.0)
     c.data.batch_size = 16
-    c.data.weights = tuple(int(k in ("single_object", "colors")) for k in c.data.categories)
+    c.data.weights = only_categories(c.data)
     c.optim.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0)
     c.train.update(steps=2400, log_every=50, checkpoint_every=600)
     c.eval.update(images_per_category=32, num_understanding=64)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimm.nn.image_io import Conv, GroupNorm, ResBlock
+from unimm.nn.layers import RMSNorm
 
 
 class Encoder(nnx.Module):
@@ -37,6 +38,31 @@ class Encoder(nnx.Module):
             if i < len(self.down):
                 h = self.down[i](h)
         h = self.mid(h)
+        return self.conv_out(jax.nn.silu(self.norm_out(h))).astype(jnp.float32)
+
+
+class PatchEncoder(nnx.Module):
+    """Each `patch` x `patch` tile -> one vector, from that tile's pixels alone: a
+    strided conv (kernel = stride = patch) then pointwise residual MLP blocks with
+    per-position RMSNorm. Equal tiles get equal vectors, so a discrete tokenizer
+    gives a blank tile one code wherever it lies; a conv encoder's receptive
+    field and GroupNorm (statistics over the whole image) make a tile's vector
+    depend on its neighbours and on the rest of the image."""
+
+    def __init__(self, in_channels: int, patch: int, width: int, out_channels: int, *, rngs: nnx.Rngs,
+                 blocks: int = 1, dtype=jnp.float32):
+        kw = dict(rngs=rngs, dtype=dtype)
+        self.conv_in = Conv(in_channels, width, patch, patch, **kw)
+        self.norms = nnx.List([RMSNorm(width, axis_name="conv") for _ in range(blocks)])
+        self.fc1 = nnx.List([Conv(width, 2 * width, 1, **kw) for _ in range(blocks)])
+        self.fc2 = nnx.List([Conv(2 * width, width, 1, zero_init=True, **kw) for _ in range(blocks)])
+        self.norm_out = RMSNorm(width, axis_name="conv")
+        self.conv_out = Conv(width, out_channels, 1, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.conv_in(x)
+        for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2):
+            h = h + fc2(jax.nn.silu(fc1(norm(h))))
         return self.conv_out(jax.nn.silu(self.norm_out(h))).astype(jnp.float32)
 
 

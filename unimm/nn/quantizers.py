@@ -8,8 +8,10 @@ losses and statistics in a dict, so any encoder/decoder can wrap them.
   by gradient (codebook loss ||sg(z) - q||^2) or by exponential moving averages
   of the vectors assigned to each code (`ema_decay > 0`, VQ-VAE-2). Codes whose
   running usage falls below `restart_threshold` of a uniform share are restarted
-  on random encoder outputs of the batch (dead-code restarts, as in SoundStream
-  and Jukebox).
+  on encoder outputs of the batch (dead-code restarts, as in SoundStream and
+  Jukebox), drawn in proportion to their quantization error (k-means++ seeding):
+  on scenes that are mostly blank background a uniform draw lands most restarts
+  on background vectors and splits one flat colour over many codes.
 - `LookupFreeQuantizer` (MAGVIT-v2's LFQ): each of D channels is a bit, sign(z);
   the code is the bits read as an integer, so the codebook has 2^D entries and
   no table. Its entropy penalty makes each token confident (low per-token
@@ -84,11 +86,12 @@ class VectorQuantizer(nnx.Module):
         aux = {"loss": book_loss + self.beta * commit, "commitment": commit, "codebook_loss": book_loss,
                "perplexity": jnp.exp(_entropy(share)), "used_codes": jnp.sum(counts > 0).astype(jnp.float32)}
         if train:
-            self._update(jax.lax.stop_gradient(zf).reshape(-1, self.dim), onehot, counts, share, rng)
+            err = jnp.sum(jax.lax.stop_gradient(zf - q) ** 2, -1).reshape(-1)
+            self._update(jax.lax.stop_gradient(zf).reshape(-1, self.dim), err, onehot, counts, share, rng)
         q_st = zf + jax.lax.stop_gradient(q - zf)
         return q_st.astype(z.dtype), codes, aux
 
-    def _update(self, zf, onehot, counts, share, rng):
+    def _update(self, zf, err, onehot, counts, share, rng):
         if self.ema_decay > 0:
             d = self.ema_decay
             count = d * self.ema_count[...] + (1 - d) * counts
@@ -101,7 +104,8 @@ class VectorQuantizer(nnx.Module):
         usage = self.usage_decay * self.usage[...] + (1 - self.usage_decay) * share
         if self.restart_threshold > 0 and rng is not None:
             dead = usage < self.restart_threshold / self.num_codes
-            pick = jax.random.randint(rng, (self.num_codes,), 0, zf.shape[0])
+            # Where the codebook fits worst; uniform when every error is 0.
+            pick = jax.random.categorical(rng, jnp.log(err + 1e-12), shape=(self.num_codes,))
             fresh = zf[pick]
             self.codebook[...] = jnp.where(dead[:, None], fresh, self.codebook[...])
             if self.ema_decay > 0:

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from unimm.nn.autoencoder import Decoder, Encoder
+from unimm.nn.autoencoder import Decoder, Encoder, PatchEncoder
 from unimm.nn.quantizers import LookupFreeQuantizer, VectorQuantizer
 
 QUANTIZERS = ("vq", "lfq")
+ENCODERS = ("conv", "patch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ImageTokenizerSettings:
     resolution: int = 32
     channels: tuple = (32, 64, 128)
     blocks: int = 1
+    encoder: str = "conv"  # conv (ResBlock levels) | patch (each code sees only its own tile: PatchEncoder)
     quantizer: str = "vq"  # vq | lfq
     codebook_size: int = 256  # lfq: a power of two (2^bits codes)
     code_dim: int = 16  # vq only; LFQ's code dimension is its number of bits
@@ -40,6 +42,8 @@ class ImageTokenizerSettings:
     temperature: float = 0.1  # lfq
 
     def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"image tokenizer encoder={self.encoder!r}; choose from {ENCODERS}")
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer={self.quantizer!r}; choose from {QUANTIZERS}")
         if self.quantizer == "lfq" and (self.codebook_size < 2 or self.codebook_size & (self.codebook_size - 1)):
@@ -81,7 +85,12 @@ class ImageTokenizerSettings:
 class ImageTokenizer(nnx.Module):
     def __init__(self, s: ImageTokenizerSettings, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.s = s
-        self.encoder = Encoder(3, s.channels, s.dim, rngs=rngs, blocks=s.blocks, dtype=dtype)
+        if s.encoder == "patch":
+            # Its whole depth is pointwise blocks at the last level's width: one more than `blocks`.
+            self.encoder = PatchEncoder(3, s.downsample, s.channels[-1], s.dim, rngs=rngs, blocks=s.blocks + 1,
+                                        dtype=dtype)
+        else:
+            self.encoder = Encoder(3, s.channels, s.dim, rngs=rngs, blocks=s.blocks, dtype=dtype)
         self.decoder = Decoder(s.dim, s.channels, 3, rngs=rngs, blocks=s.blocks, dtype=dtype)
         if s.quantizer == "vq":
             self.quantizer = VectorQuantizer(s.codebook_size, s.dim, rngs=rngs, beta=s.beta, ema_decay=s.ema_decay,
