@@ -88,6 +88,15 @@ def test_trainer_keeps_the_quantizer_buffers(trained):
                                       "quantizer/usage"}
 
 
+def test_a_checkpoint_of_another_architecture_is_named(trained_tokenizer):
+    """The tiny tokenizer's checkpoint (patch encoder) loaded as a conv-encoder model: one clear error."""
+    cfg = tiny_tokenizer_config()
+    cfg.image_tokenizer.encoder = "conv"
+    with pytest.raises(ValueError, match="does not fit this model.*config.json") as e:
+        Trainer(cfg, trained_tokenizer[0], devices=jax.devices()[:1]).load_params()
+    assert len(str(e.value).splitlines()) == 1
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="power-of-two"):
         ImageTokenizerSettings(quantizer="lfq", codebook_size=100)

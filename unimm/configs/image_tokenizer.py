@@ -9,8 +9,8 @@ from unimm.configs.common import base_config
 
 def tokenizer_section(**overrides) -> ml_collections.ConfigDict:
     s = dict(channels=(32, 64, 128), blocks=1, encoder="conv", quantizer="vq", codebook_size=256, code_dim=16,
-             beta=0.25, ema_decay=0.99, restart_threshold=0.03, usage_decay=0.9, entropy_weight=0.1, diversity_weight=1.0,
-             temperature=0.1)
+             beta=0.25, ema_decay=0.99, restart_threshold=0.03, usage_decay=0.9, entropy_weight=0.1,
+             diversity_weight=1.0, temperature=0.1)
     s.update(overrides)
     return ml_collections.ConfigDict(s)
 

@@ -6,7 +6,6 @@ import ml_collections
 
 from unimm.configs import kl_vae
 from unimm.configs.common import base_config, only_categories
-from unimm.data import spec as spec_lib
 
 
 def with_workdir(autoencoder_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -53,7 +53,12 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state, opt_shardings))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError) as e:  # orbax's message dumps both whole trees: keep its first line
+            raise ValueError(f"the checkpoint {self.directory}/{step} does not fit this model: its parameters differ "
+                             f"in structure or shape (compare the architecture settings with that run's "
+                             f"config.json): {str(e).strip().splitlines()[0]}") from None
         opt = None
         if opt_state is not None:  # orbax returns tuples where optax has named tuples
             opt = jax.tree.unflatten(jax.tree.structure(opt_state), jax.tree.leaves(restored["opt_state"]))

@@ -215,11 +215,8 @@ class Trainer:
         checkpointer = ckpt_lib.Checkpointer(workdir, use_async=False)
         try:
             params, _, meta = checkpointer.restore(None, state.params[key], state.param_shardings[key])
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"cannot load '{key}' for {self.objective.name}: {e}") from None
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"the checkpoint in {workdir} does not fit this model's '{key}' (check the "
-                             f"architecture settings against that run's config.json): {e}") from None
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"cannot load '{key}' for {self.objective.name}: {e}") from None
         finally:
             checkpointer.close()
         self._log(f"loaded '{key}' from {workdir} (step {meta['step']})")
