@@ -2,10 +2,12 @@
 
     python -m unimm.main --config=configs/vae_tiny.py --workdir=workdir/vae_tiny
 
-A Transfusion run then diffuses in its latent space with
---config.image.latent=kl_vae --config.image.autoencoder=workdir/vae_tiny
---config.image.autoencoder_channels=32,64,128 --config.image.latent_channels=4
---config.image.latent_scale=<latent_scale from the VAE's eval>.
+A Transfusion run then diffuses in its latent space (8x8x4 latents, patch 2; the
+latent scale and range come from this run's evaluation):
+
+    python -m unimm.main --config=configs/transfusion_tiny.py --workdir=workdir/tf_latent \
+        --config.image.latent=kl_vae --config.image.autoencoder.workdir=workdir/vae_tiny \
+        --config.image.patch_size=2 --config.image.unet_channels=64,128
 """
 
 from unimm.configs.kl_vae import tiny_config

@@ -62,14 +62,29 @@ def tiny_tokenizer_config(**overrides):
 
 def tiny_showo_config(tokenizer_workdir: str = "", **overrides):
     """A Show-o config over the tiny 16 px tokenizer, small enough to compile in seconds."""
-    from unimm.configs.showo import tiny_config, with_workdir
+    from unimm.configs.common import nested_run
+    from unimm.configs.showo import tiny_config
 
     c = tiny_config()
     c.model.update(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64)
     c.image.resolution = 16
-    c.image_tokenizer = with_workdir(tiny_tokenizer_config())
+    c.image_tokenizer = nested_run(tiny_tokenizer_config())
     c.image_tokenizer.workdir = str(tokenizer_workdir)
     # Every stream and scene kind in the batches, whatever the demo trains on.
     c.showo.update(max_text_len=20, t2i_ratio=0.6, mmu_ratio=0.3, lm_ratio=0.1)
     c.data.weights = None
     return _short_run(c, overrides)
+
+
+def constant_parameters(abstract):
+    """A pretrained-part loader (named in configs as 'helpers:constant_parameters'):
+    every array 0.5, of the shapes and dtypes the model asks for."""
+    import numpy as np
+
+    return jax.tree.map(lambda a: np.full(a.shape, 0.5, a.dtype), abstract)
+
+
+def wrongly_shaped_parameters(abstract):
+    import numpy as np
+
+    return jax.tree.map(lambda a: np.zeros(tuple(s + 1 for s in a.shape), a.dtype), abstract)

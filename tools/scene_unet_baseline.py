@@ -24,6 +24,7 @@ from unimm.data import scenes, spec as spec_lib, vocab
 from unimm.data.grid import make_grid
 from unimm.eval import geneval, prompts as prompts_lib
 from unimm.nn import diffusion as diff
+from unimm.nn import guidance, pixels, sampling
 from unimm.nn.image_io import Conv, GroupNorm, ResBlock, TimestepMLP
 from unimm.tokenizers import text as text_tok
 
@@ -123,18 +124,17 @@ def make_fns(acp, cfg_scale: float):
     def sample(model, caps, shape, color, key):
         """DDIM over 25 steps with classifier-free guidance; images in [-1, 1]."""
         n = caps.shape[0]
-        ts = diff.sampling_timesteps(NUM_TIMESTEPS, 25)
-        x = jax.random.normal(key, (n, 32, 32, 3))
+        solver = sampling.DDIM.make("cosine", NUM_TIMESTEPS, 25, clip=1.0)
         both = jnp.concatenate([model.cond(caps, shape, color, jnp.ones((n,))),
                                 model.cond(caps, shape, color, jnp.zeros((n,)))])
-        for i, t in enumerate(ts):
+
+        def predict(x, t, aux):
+            xx = guidance.double(x)
             tt = jnp.full((2 * n,), t)
-            xx = jnp.concatenate([x, x])
             eps = diff.eps_from_prediction("v", model(xx, tt, both), xx, acp[tt])
-            eps = diff.guide(eps[:n], eps[n:], cfg_scale)
-            a_prev = acp[ts[i + 1]] if i + 1 < len(ts) else jnp.float32(1.0)
-            x = diff.step(x, eps, acp[t], a_prev, 0.0, jnp.zeros_like(x), 1.0)
-        return x
+            return guidance.combine(eps, cfg_scale), aux
+
+        return sampling.sample(solver, predict, jax.random.normal(key, (n, 32, 32, 3)), key)[0]
 
     return train_step, sample
 
@@ -142,7 +142,7 @@ def make_fns(acp, cfg_scale: float):
 def training_batch(n, categories, conds: Conditions, rng):
     specs = [spec_lib.sample_spec(categories[rng.integers(len(categories))], rng) for _ in range(n)]
     images = np.stack([scenes.render(scenes.sample_scene(s, rng)) for s in specs])
-    x0 = jnp.asarray(images.astype(np.float32) / 127.5 - 1)
+    x0 = pixels.to_signed(images)
     return (x0, *conds(specs, [spec_lib.caption(s) for s in specs]))
 
 
@@ -150,7 +150,7 @@ def evaluate(model, sample, conds: Conditions, step: int, out: str, per_category
     plan = [e for e, _ in prompts_lib.plan(per_category) if e["category"] in SCORED]
     specs = [spec_lib.Spec.from_dict(e["spec"]) for e in plan]
     x = sample(model, *conds(specs, [e["prompt"] for e in plan]), jax.random.key(step))
-    images = np.asarray(jnp.clip((x + 1) * 127.5, 0, 255)).astype(np.uint8)
+    images = np.asarray(pixels.to_uint8(x))
     hits: dict[str, list[bool]] = {}
     for e, img in zip(plan, images):
         ok, _ = geneval.score_image(e["spec"], img)

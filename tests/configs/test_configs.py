@@ -97,3 +97,87 @@ def test_demos_train_on_one_object_scenes_by_category_name():
         assert drawn == {"single_object", "colors"}
     with pytest.raises(ValueError, match="not in data.categories"):
         common.only_categories(common.base_config().data, ("single_objects",))
+
+
+def _docstring_commands(path: pathlib.Path) -> list[list[str]]:
+    """The unimm commands a config file's docstring gives, as argv lists."""
+    import ast
+    import shlex
+
+    doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+    text = doc.replace("\\\n", " ")
+    return [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("python -m unimm.")]
+
+
+@pytest.mark.parametrize("path", sorted(p.stem for p in CONFIGS.glob("*.py")))
+def test_every_docstring_command_parses_and_builds(path):
+    """Each command a config's docstring gives: its config loads, every override
+    names a real key of the right type, and the recipe builds from the result."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    commands = _docstring_commands(CONFIGS / f"{path}.py")
+    assert commands, f"configs/{path}.py gives no command"
+    root = CONFIGS.parent
+    for argv in commands:
+        config_args = [a.replace("--config=configs/", f"--config={root}/configs/") for a in argv
+                       if a.startswith("--config")]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                        sys_argv=["unimm"] + config_args)
+        fv(["unimm"] + config_args)
+        config = fv.config
+        for arg in config_args[1:]:  # every override took effect
+            key, _, value = arg[len("--config."):].partition("=")
+            node = config
+            for part in key.split("."):
+                node = node[part]
+            shown = ",".join(map(str, node)) if isinstance(node, tuple) else str(node)
+            assert shown == value, (arg, node)
+        objectives.build(config, shapes_only=True)
+
+
+def test_recipe_sections_take_their_defaults_from_the_recipes():
+    """One owner per section's defaults: the Settings dataclasses and DecoderConfig."""
+    import dataclasses as dc
+
+    from unimm.configs import common, showo, transfusion
+    from unimm.nn.transformer import DecoderConfig
+    from unimm.objectives import settings
+    from unimm.objectives import showo as showo_obj
+    from unimm.objectives import transfusion as tf_obj
+
+    model = {k: v for k, v in dc.asdict(DecoderConfig()).items() if k != "cond_dim"}
+    for module, cls in ((transfusion, tf_obj.Settings), (showo, showo_obj.Settings)):
+        c = module.recipe_sections(common.base_config())
+        for name, section in settings.sections(cls).items():
+            got = {k: v for k, v in c[name].items() if k != "autoencoder"}
+            assert got == section.to_dict(), name
+        assert {k: v for k, v in c.model.items() if k != "qk_norm"} == {k: v for k, v in model.items()
+                                                                         if k != "qk_norm"}
+
+
+def test_showo_1b_is_phi_1_5_block_for_block():
+    """Phi-1.5's 1,208,504,320 non-embedding parameters, plus Show-o's QK LayerNorms."""
+    from unimm.nn.transformer import DecoderConfig
+
+    config = load("showo_1b")
+    dcfg = DecoderConfig.from_config(config.model)
+    assert dcfg.block == "phi" and dcfg.rotary_dim == 32 and dcfg.mlp_dim == 8192 and dcfg.head_bias
+    assert dcfg.num_params() == 1_208_504_320 + 24 * 4 * 64
+    obj = objectives.build(config, shapes_only=True)
+    model = nnx.eval_shape(lambda: obj.make_model(nnx.Rngs(0)))
+    decoder = nnx.to_pure_dict(nnx.state(model.decoder, nnx.Param))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(decoder)) == dcfg.num_params()
+    assert model.lm_head.bias is not None
+
+
+def test_paper_configs_follow_the_papers():
+    tf7b = objectives.build(load("transfusion_7b"), shapes_only=True)
+    assert tf7b.s.text_ratio == 0.5 and tf7b.s.pack_length == 4096 and tf7b.packing() is not None
+    assert tf7b.s.sampler == "ddpm" and tf7b.s.sample_steps == 250 and tf7b.s.timestep_spacing == "leading"
+    assert tf7b.s.clip_x0 and tf7b.s.prediction == "eps" and tf7b.s.diffusion_weight == 5.0
+    so = objectives.build(load("showo_1b"), shapes_only=True)
+    assert (so.s.t2i_loss_weight, so.s.mmu_loss_weight, so.s.lm_loss_weight) == (1.0, 1.0, 0.1)
+    assert so.s.confidence_noise == 1.0 and so.s.sample_temperature == 1.0 and so.s.sample_steps == 16
+    assert so.s.guidance_scale == 1.75

@@ -7,8 +7,10 @@ from flax import nnx
 from helpers import randomize_zero_inits, tiny_showo_config
 from unimm import objectives
 from unimm.data.shapes import ShapesSource
+from unimm.nn import maskgit
 from unimm.nn.attention import Meta
 from unimm.nn.decoding import prefix_meta
+from unimm.nn.losses import masked_token_loss
 from unimm.objectives import showo
 
 
@@ -41,8 +43,9 @@ def test_t2i_layout(objective, example):
     n = len(text)
     assert list(row["tokens"][:n + 4]) == [i["t2i"], i["sot"]] + text + [i["eot"], i["soi"]]
     assert row["image_start"] == n + 4 and row["tokens"][n + 4 + N] == i["eoi"]
-    assert (row["span"] == 1).sum() == N and row["span"][row["image_start"]:row["image_start"] + N].all()
-    assert row["mtp_weight"] == 1.0 and not row["ntp_weight"].any()  # t2i trains only the masked codes
+    # [SOI] codes [EOI] is one bidirectional span, as in the reference's omni-attention.
+    assert (row["span"] == 1).sum() == N + 2 and row["span"][n + 3:n + 5 + N].all()
+    assert row["stream"] == 0 and not row["targets"].any()  # t2i trains only the masked codes
     assert (row["segment"][:n + 5 + N] == 1).all() and (row["segment"][n + 5 + N:] == 0).all()
 
 
@@ -51,14 +54,14 @@ def test_mmu_and_lm_layouts_train_only_the_answer(objective, example):
     q, a = objective.tok.encode("what color is the circle?"), objective.tok.encode("red")
     row = objective.layout("mmu", example["image"], q, a)
     assert row["image_start"] == 2 and row["tokens"][0] == i["mmu"] and row["tokens"][2 + N] == i["eoi"]
-    assert row["mtp_weight"] == 0.0
+    assert row["stream"] == 1 and row["span"][1:3 + N].all() and not row["span"][3 + N:].any()
     end = 2 + N + 2 + len(q) + len(a) + 1
-    targets = np.flatnonzero(row["ntp_weight"])
+    targets = np.flatnonzero(row["targets"])
     assert list(targets) == list(range(end - len(a) - 1, end))  # the answer and [EOT]
     assert row["tokens"][end - 1] == i["eot"]
     lm = objective.layout("lm", None, [], a)
     assert list(lm["tokens"][:len(a) + 2]) == [i["sot"]] + a + [i["eot"]]
-    assert np.allclose(lm["ntp_weight"][1:len(a) + 2], 0.1) and not lm["has_image"]  # paper's text weight
+    assert lm["targets"][1:len(a) + 2].all() and lm["stream"] == 2 and not lm["has_image"]
 
 
 def test_over_long_text_is_rejected_by_name(objective):
@@ -67,7 +70,7 @@ def test_over_long_text_is_rejected_by_name(objective):
 
 
 def test_mask_counts_follow_the_cosine_schedule(objective):
-    masked = np.asarray(objective.mask_codes(jax.random.key(0), 512))
+    masked = np.asarray(maskgit.training_mask(jax.random.key(0), 512, objective.num_tokens))
     n = masked.sum(1)
     N = objective.num_tokens
     assert n.min() >= 1 and n.max() <= N
@@ -79,33 +82,73 @@ def test_only_masked_positions_contribute_to_the_image_loss():
     logits = jax.random.normal(jax.random.key(0), (2, 6, 5))
     codes = jnp.array([[0, 1, 2, 3, 4, 0], [1, 1, 1, 1, 1, 1]])
     masked = jnp.array([[True, False, True, False, False, False], [False] * 5 + [True]])
-    grad = jax.grad(lambda l: showo.masked_token_loss(l, codes, masked, jnp.ones(2))[0])(logits)
+    grad = jax.grad(lambda l: masked_token_loss(l, codes, masked, jnp.ones(2))[0])(logits)
     assert np.abs(np.asarray(grad)[~np.asarray(masked)]).max() == 0.0
     assert np.abs(np.asarray(grad)[np.asarray(masked)]).min() > 0.0
-    loss = showo.masked_token_loss(logits, codes, masked, jnp.ones(2))[0]
+    loss = masked_token_loss(logits, codes, masked, jnp.ones(2))[0]
     nll = -jax.nn.log_softmax(logits)[jnp.arange(2)[:, None], jnp.arange(6)[None], codes]
     np.testing.assert_allclose(loss, nll[masked].mean(), rtol=1e-6)
 
 
-def test_loss_masks_only_t2i_codes_and_is_finite(objective, model, example):
-    rows = [objective.encode([example], np.random.default_rng(s), stream=st)
-            for s, st in enumerate(["t2i", "mmu", "lm", "t2i"])]
-    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
-    loss, m = objective.loss(model, batch, jax.random.key(0))
-    assert np.isfinite(float(loss)) and float(m["mtp_loss"]) > 0 and float(m["ntp_loss"]) > 0
+def _batch(rows):
+    return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+
+def test_each_stream_is_averaged_on_its_own_and_weighted(objective, model, example):
+    """Loss = 1 L_MTP + 1 L_mmu + 0.1 L_lm, each averaged over its own targets (the
+    reference's coefficients): long text rows do not dilute captioning."""
+    i = objective.ids
+    q, a = objective.tok.encode("what color is the circle?"), objective.tok.encode("red")
+    mmu = objective.layout("mmu", example["image"], q, a)
+    t2i = objective.encode([example], np.random.default_rng(0), stream="t2i")
+    short = objective.layout("lm", None, [], objective.tok.encode("a red circle"))
+    long = objective.layout("lm", None, [], objective.tok.encode("a red circle and a blue square to the left of it"))
+    rng = jax.random.key(0)
+    loss1, m1 = objective.loss(model, _batch([t2i, mmu, short, short]), rng)
+    loss2, m2 = objective.loss(model, _batch([t2i, mmu, long, long]), rng)
+    assert np.isfinite(float(loss1)) and min(float(m1[k]) for k in ("mtp_loss", "mmu_loss", "lm_loss")) > 0
+    np.testing.assert_allclose(m1["mmu_loss"], m2["mmu_loss"], rtol=1e-6)  # the lm rows leave captioning alone
+    assert not np.isclose(float(m1["lm_loss"]), float(m2["lm_loss"]))
+    for loss, m in ((loss1, m1), (loss2, m2)):
+        np.testing.assert_allclose(loss, m["mtp_loss"] + m["mmu_loss"] + 0.1 * m["lm_loss"], rtol=1e-5)
+    # The mmu loss is the mean over its targets (the answer and [EOT]) alone.
+    codes = objective.tokenize(model, example["image"][None])[0] + objective.code_start
+    tokens = np.array(mmu["tokens"])
+    tokens[2:2 + objective.num_tokens] = codes
+    logits, _ = model(jnp.asarray(tokens)[None], Meta(*(jnp.asarray(mmu[k])[None] for k in
+                                                       ("segment", "span", "position"))))
+    targets = np.flatnonzero(mmu["targets"])
+    nll = -jax.nn.log_softmax(logits[0, targets - 1])[jnp.arange(len(targets)), tokens[targets]]
+    assert tokens[targets[-1]] == i["eot"]
+    np.testing.assert_allclose(m1["mmu_loss"], nll.mean(), rtol=1e-4)
+
+
+def test_understanding_rows_ask_pope_probes_answered_yes_and_no_alike(objective):
+    from unimm.data.shapes import ShapesSource
+
+    source = ShapesSource(resolution=objective.resolution)
+    rng = np.random.default_rng(0)
+    asked = [objective.question(source[k], rng) for k in range(1500)]
+    asked = [q for q in asked if q is not None]
+    assert abs(len(asked) / 1500 - objective.s.qa_prob) < 0.05
+    probes = [q for q in asked if q["kind"].startswith("pope")]
+    assert abs(len(probes) / len(asked) - objective.s.probe_prob) < 0.05
+    assert abs(np.mean([q["answer"] == "no" for q in probes]) - 0.5) < 0.05
+    assert {q["kind"] for q in asked} >= {"color", "count_all", "pope_random", "pope_adversarial"}
 
 
 def _uncached_code_logits(objective, model, prefix, codes, masked):
-    """Code logits of one row: prefix + image span, a plain forward with no cache."""
+    """Code logits of one row: prefix + [SOI] image [EOI] (one span), a plain forward with no cache."""
     N, st = objective.num_tokens, objective._static()
     image = np.where(masked, st.mask_id, codes + objective.code_start)
-    seq = np.concatenate([prefix, image])[None]
+    seq = np.concatenate([prefix, [st.soi], image, [st.eoi]])[None]
     n = seq.shape[1]
     span = np.zeros((1, n), np.int32)
     span[0, len(prefix):] = 1
     meta = Meta(jnp.ones((1, n), jnp.int32), jnp.asarray(span), jnp.arange(n, dtype=jnp.int32)[None])
     logits, _ = model(jnp.asarray(seq, jnp.int32), meta)
-    return np.asarray(logits[0, len(prefix):, objective.code_start:objective.code_start + objective.codebook_size])
+    logits = logits[0, len(prefix) + 1:len(prefix) + 1 + N]
+    return np.asarray(logits[:, objective.code_start:objective.code_start + objective.codebook_size])
 
 
 def test_maskgit_one_step_per_token_equals_greedy_sequential_unmasking(objective, model):

@@ -8,9 +8,11 @@ from helpers import randomize_zero_inits
 from unimm import objectives
 from unimm.data.shapes import ShapesSource
 from unimm.nn import diffusion as diff
+from unimm.nn import spans
 from unimm.nn.attention import Meta
 from unimm.nn.decoding import prefix_meta
 from unimm.nn.flops import attention_pairs
+from unimm.nn.diffusion_lm import DiffusionLM
 from unimm.objectives import transfusion as tf
 
 
@@ -70,9 +72,13 @@ def test_registry(tiny_config):
         objectives.get("nope")
 
 
+def _row(objective, ex, kind="caption_first", seed=1):
+    return objective.encode([ex], np.random.default_rng(seed), kind=kind)
+
+
 def test_caption_first_layout(objective, examples):
     ex = examples[0]
-    out = objective.encode([ex], np.random.default_rng(1), caption_first=True)
+    out = _row(objective, ex)
     text = objective.tok.encode(ex["caption"])
     P, n = objective.s.num_patches, len(text)
     tok = out["tokens"]
@@ -93,35 +99,98 @@ def test_caption_first_layout(objective, examples):
 
 def test_image_first_layout_and_noise_cap(objective, examples):
     ex = examples[1]
-    out = objective.encode([ex], np.random.default_rng(1), caption_first=False)
+    out = _row(objective, ex, "image_first")
     P, n = objective.s.num_patches, len(objective.tok.encode(ex["caption"]))
     assert out["tokens"][1] == objective.boi and out["image_start"][0] == 2
     assert out["tokens"][2 + P] == objective.eoi
     assert list(out["tokens"][3 + P:3 + P + n]) == objective.tok.encode(ex["caption"])
     assert out["lm_weight"][1] == 1 and out["lm_weight"][2 + P] == 0 and out["lm_weight"][3 + P:4 + P + n].all()
-    caps = [objective.encode([ex], np.random.default_rng(s), caption_first=False)["noise_cap"][0]
-            for s in range(200)]
+    caps = [_row(objective, ex, "image_first", s)["noise_cap"][0] for s in range(200)]
     assert abs(np.mean(caps) - objective.s.noise_cap_prob) < 0.1
 
 
-def test_several_pairs_per_sequence(tiny_config, examples):
+def test_text_documents_are_prose_about_the_scene(tiny_config, examples):
     cfg = tiny_config.copy_and_resolve_references()
-    cfg.transfusion.pairs_per_sequence = 2
+    cfg.transfusion.text_ratio = 0.5
     obj = objectives.build(cfg)
-    out = obj.encode(examples[:2], np.random.default_rng(0), caption_first=True)
-    assert set(np.unique(out["segment"])) == {0, 1, 2}
-    assert set(np.unique(out["span"])) == {0, 1, 2}
-    assert out["images"].shape[0] == 2 and out["image_valid"].all()
-    second = out["segment"] == 2
-    assert out["position"][second][0] == 0  # each pair is its own document
-    assert obj.streams()[0].group == 2
+    r = obj.s.caption_first_ratio
+    assert {s.name: s.weight for s in obj.streams()} == pytest.approx(
+        {"caption_first": 0.5 * r, "image_first": 0.5 * (1 - r), "text": 0.5})
+    ex = examples[2]
+    out = _row(obj, ex, "text", seed=3)
+    n = int(out["segment"].sum())
+    text = obj.tok.decode(out["tokens"][:n])
+    assert text.startswith(ex["caption"] + ", ") and "?" in text  # the caption, then questions with answers
+    assert out["tokens"][0] == obj.tok.bos_id and out["tokens"][n - 1] == obj.tok.eos_id
+    assert not out["image_valid"].any() and not out["span"].any()
+    np.testing.assert_array_equal(out["lm_weight"][:n], [0] + [1] * (n - 1))  # every token but BOS is a target
+    assert n <= obj.s.row_length
+
+
+def _packed(tiny_config, docs_of, **transfusion):
+    """(objective, its documents, the rows grain packs them into)."""
+    import grain
+
+    from unimm.data.pipeline import pack
+
+    cfg = tiny_config.copy_and_resolve_references()
+    cfg.transfusion.update(text_ratio=0.3, **transfusion)
+    obj = objectives.build(cfg)
+    docs = docs_of(obj)
+    return obj, docs, list(pack(grain.MapDataset.source(docs).to_iter_dataset(), obj.packing()))
+
+
+def test_packed_rows_hold_several_documents_each_its_own(tiny_config, examples):
+    kinds = ["caption_first", "text", "image_first", "caption_first"] * 2
+    rng = np.random.default_rng(0)
+    obj, docs, rows = _packed(tiny_config, lambda o: [o.document(ex, rng, k) for ex, k in zip(examples * 2, kinds)],
+                              pack_length=3 * 36, pack_images=2)
+    assert sum(int(r["image_valid"].sum()) for r in rows) == sum(len(d["images"]) for d in docs)
+    assert sum(len(set(np.unique(r["segment"])) - {0}) for r in rows) == len(docs)
+    assert any(len(set(np.unique(r["segment"])) - {0}) > 1 for r in rows)  # packing did pack
+    for row in rows:
+        assert row["image_valid"].sum() <= 2
+        for j in np.flatnonzero(row["image_valid"]):  # each image sits after its BOI, inside its document
+            start = row["image_start"][j]
+            doc_start = np.flatnonzero(row["segment"] == row["segment"][start])[0]
+            assert row["tokens"][start - 1] == obj.boi and row["span"][start] == 1
+            assert row["position"][start] == start - doc_start
+
+
+def test_packed_documents_have_the_loss_they_have_alone(tiny_config, examples):
+    """Two documents packed into one row give each token the loss and each image
+    the diffusion loss they get in rows of their own (same timesteps and noise)."""
+    from unimm.nn.losses import token_nll
+
+    rng = np.random.default_rng(5)
+    obj, docs, packed = _packed(tiny_config, lambda o: [o.document(examples[0], rng, "caption_first"),
+                                                        o.document(examples[1], rng, "image_first")],
+                                pack_length=2 * 36, pack_images=2)
+    model = randomize_zero_inits(obj.make_model(nnx.Rngs(0)))
+    assert len(packed) == 1 and set(np.unique(packed[0]["segment"])) == {0, 1, 2}
+    t = jnp.array([[700, 200]])
+    eps = jax.random.normal(jax.random.key(3), (1, 2) + obj.s.image_shape)
+    batch = lambda rows: {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    logits, per_image = obj.forward(model, batch(packed), t, eps, jax.random.key(0))
+    nll = token_nll(logits[:, :-1], jnp.asarray(packed[0]["tokens"])[None, 1:])[0][0]
+    offset = 0
+    for j, doc in enumerate(docs):
+        row = obj.row([doc])
+        one_logits, one_image = obj.forward(model, batch([row]), t[:, j:j + 1], eps[:, j:j + 1], jax.random.key(0))
+        one_nll = token_nll(one_logits[:, :-1], jnp.asarray(row["tokens"])[None, 1:])[0][0]
+        n = len(doc["tokens"])
+        targets = np.flatnonzero(row["lm_weight"][1:n])
+        assert len(targets) > 3
+        np.testing.assert_allclose(nll[offset + targets], one_nll[targets], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(per_image[0, j], one_image[0, 0], rtol=1e-4)
+        offset += n
 
 
 def test_condition_dropout_removes_the_caption(tiny_config, examples):
     cfg = tiny_config.copy_and_resolve_references()
     cfg.transfusion.cond_dropout = 1.0
     obj = objectives.build(cfg)
-    out = obj.encode([examples[0]], np.random.default_rng(0), caption_first=True)
+    out = _row(obj, examples[0], seed=0)
     assert list(out["tokens"][:2]) == [obj.tok.bos_id, obj.boi]
 
 
@@ -131,7 +200,7 @@ def test_over_long_text_is_a_clear_error(objective):
 
 
 def test_loss_and_flops(objective, model, examples):
-    batch = {k: np.stack([objective.encode([e], np.random.default_rng(i))[k] for i, e in enumerate(examples)])
+    batch = {k: np.stack([_row(objective, e, seed=i)[k] for i, e in enumerate(examples)])
              for k in objective.example_spec()}
     loss, metrics = jax.jit(lambda b, r: objective.loss(model, b, r))(batch, jax.random.key(0))
     assert np.isfinite(float(loss)) and set(metrics) == {"lm_loss", "lm_accuracy", "diffusion_loss"}
@@ -144,8 +213,8 @@ def test_loss_and_flops(objective, model, examples):
     assert objective.flops_per_batch(batch) > 6 * tokens * objective.dcfg.num_params() * 0.9
 
 
-def _full_sequence_eps(objective, model, prompt, x_t, t, x0_sc=None):
-    """Noise prediction from one uncached pass over [BOS prompt BOI image EOI]."""
+def _full_sequence_prediction(objective, model, prompt, x_t, t, x0_sc=None):
+    """The image path's output (eps or v) from one uncached pass over [BOS prompt BOI image EOI]."""
     ids = [objective.tok.bos_id] + objective.tok.encode(prompt) + [objective.boi]
     P = objective.s.num_patches
     seq = np.array([ids + [0] * P + [objective.eoi]], np.int32)
@@ -156,10 +225,7 @@ def _full_sequence_eps(objective, model, prompt, x_t, t, x0_sc=None):
     captions = objective._captions([ids[1:-1]])[None]
     _, out, _ = model(seq, meta, x_t[None, None], jnp.array([[t]]), np.array([[len(ids)]]), np.array([[True]]),
                       caption_ids=captions, x0_sc=None if x0_sc is None else x0_sc[None, None])
-    out = out[0, 0]  # eps or v, per transfusion.prediction; denoise() always returns eps
-    if objective.s.prediction == "v":
-        out = diff.eps_from_v(out, x_t, jnp.asarray(objective.acp)[t])
-    return out, len(ids)
+    return out[0, 0], len(ids)
 
 
 @pytest.mark.parametrize("variant", ["default", *VARIANTS])
@@ -168,14 +234,15 @@ def test_prefix_cached_denoising_equals_uncached(request, variant):
     x_t = jax.random.normal(jax.random.key(0), objective.s.image_shape)
     # With self-conditioning the image path also reads an estimate of x0; use a real one.
     x0_sc = jnp.tanh(jax.random.normal(jax.random.key(5), x_t.shape)) if objective.s.self_cond else None
-    full, n = _full_sequence_eps(objective, model, "a red circle", x_t, 700, x0_sc)
+    full, n = _full_sequence_prediction(objective, model, "a red circle", x_t, 700, x0_sc)
     assert float(jnp.abs(full).mean()) > 1e-2  # a real, non-trivial prediction
     if x0_sc is not None:  # the estimate is read: it changes the prediction
-        assert not np.allclose(full, _full_sequence_eps(objective, model, "a red circle", x_t, 700)[0], atol=1e-3)
+        assert not np.allclose(full, _full_sequence_prediction(objective, model, "a red circle", x_t, 700)[0],
+                               atol=1e-3)
     ids = np.array([[objective.tok.bos_id] + objective.tok.encode("a red circle") + [objective.boi]], np.int32)
     cache = model.decoder.init_cache(1, n)
     _, cache = model.text(ids, Meta(np.ones_like(ids), np.zeros_like(ids), np.arange(n)[None]), cache)
-    meta = tf._image_meta(jnp.array([n]), objective.s.num_patches, jnp.array([True]))
+    meta = spans.span_meta(jnp.array([n]), objective.s.num_patches, jnp.array([True]))
     extra = model.caption_features(objective._captions([ids[0, 1:-1]]))
     for _ in range(2):  # the prefix is computed once and reused by every step
         cached = model.denoise(x_t[None], jnp.array([700]), meta, cache, extra,
@@ -189,22 +256,23 @@ def test_cfg_scale_one_equals_the_conditional_prediction(request, variant):
     bos, boi = objective.tok.bos_id, objective.boi
     text = objective.tok.encode("a blue square")
     prefix, lengths = objective._pad([[bos] + text + [boi], [bos, boi]])
-    extra = model.caption_features(objective._captions([text, []]))
+    captions = objective._captions([text, []])
     cache = model.decoder.init_cache(2, prefix.shape[1])
     _, cache = model.decoder(model.embed(prefix), prefix_meta(jnp.asarray(lengths), prefix.shape[1]), cache,
                              True)
     x = jax.random.normal(jax.random.key(1), (1,) + objective.s.image_shape)
-    meta = tf._image_meta(jnp.asarray(lengths), objective.s.num_patches, jnp.ones((2,), bool))
     # Self-conditioning: each of the two rows reads its own estimate of x0.
     x0_sc = (jnp.tanh(jax.random.normal(jax.random.key(2), (2,) + objective.s.image_shape))
              if objective.s.self_cond else None)
-    guided = tf.guided_eps(model, x, 500, meta, cache, 1.0, extra, x0_sc)
-    cond_meta = tf._image_meta(jnp.asarray(lengths[:1]), objective.s.num_patches, jnp.ones((1,), bool))
+    predict = lambda scale: tf.guided_predict(model, cache, jnp.asarray(lengths), captions, objective._draw(scale))
+    guided, _ = predict(1.0)(x, 500, x0_sc)
+    cond_meta = spans.span_meta(jnp.asarray(lengths[:1]), objective.s.num_patches, jnp.ones((1,), bool))
     cond_cache = jax.tree.map(lambda a: a[:, :1] if a.ndim == 5 else a[:1], cache)
-    cond = model.denoise(x, jnp.array([500]), cond_meta, cond_cache, None if extra is None else extra[:1],
-                         None if x0_sc is None else x0_sc[:1])
+    extra = model.caption_features(captions[:1])
+    out = model.denoise(x, jnp.array([500]), cond_meta, cond_cache, extra, None if x0_sc is None else x0_sc[:1])
+    cond = diff.eps_from_prediction(objective.s.prediction, out, x, jnp.asarray(objective.acp)[500])
     np.testing.assert_allclose(guided, cond, atol=1e-5)
-    strong = tf.guided_eps(model, x, 500, meta, cache, 3.0, extra, x0_sc)
+    strong, _ = predict(3.0)(x, 500, x0_sc)
     assert not np.allclose(strong, cond, atol=1e-4)  # guidance does act at other scales
 
 
@@ -241,21 +309,72 @@ def test_cached_captioning_equals_uncached_greedy_decoding(request, variant, exa
     assert caption == objective.tok.decode(out)
 
 
-def test_interleaved_generation(objective):
-    """A model that always predicts BOI after text: decoding stops at BOI, an image
-    is drawn there, EOI is appended, and text continues."""
-    model = objective.make_model(nnx.Rngs(1))
-    # Zero every residual branch so the hidden state is the token's own embedding,
-    # make all embeddings equal, and point the LM head at BOI.
-    model.decoder.blocks.attn.o.kernel[...] = jnp.zeros_like(model.decoder.blocks.attn.o.kernel[...])
-    model.decoder.blocks.mlp.wo.kernel[...] = jnp.zeros_like(model.decoder.blocks.mlp.wo.kernel[...])
-    model.embed.embedding[...] = jnp.ones_like(model.embed.embedding[...])
-    head = np.zeros(model.lm_head.kernel.shape, np.float32)
-    head[:, objective.boi] = 1.0
-    model.lm_head.kernel[...] = jnp.asarray(head)
-    (before, image, after), = objective.generate(model, ["a red circle"], jax.random.key(0), max_text=4)
-    assert before == "" and after == ""  # only BOI tokens were produced around the image
-    assert image is not None and image.shape == objective.s.image_shape and image.dtype == np.uint8
+class _Scripted(DiffusionLM):
+    """The real network with a script on top of its text logits: after token A
+    comes BOI, and after an EOI placed before position LIMIT comes A; elsewhere
+    the network decides (greedy)."""
+
+    A, BOI, EOI, LIMIT = 0, 0, 0, 0
+
+    def text(self, tokens, meta, cache):
+        logits, cache = super().text(tokens, meta, cache)
+        return logits + _script(tokens, meta.position, logits.shape[-1]), cache
+
+
+def _script(tokens, position, vocab):
+    s = _Scripted
+    force = jnp.where(tokens == s.A, s.BOI, jnp.where((tokens == s.EOI) & (position < s.LIMIT), s.A, -1))
+    return 1e4 * jax.nn.one_hot(force, vocab)
+
+
+def test_interleaved_generation_of_two_images_equals_the_uncached_model(objective):
+    """Text, an image, text, a second image, text: the tokens decoded after the
+    images are the uncached model's greedy tokens over the whole sequence, and the
+    second image is what the sampler draws over that prefix built afresh."""
+    P = objective.s.num_patches
+    prompt = objective.tok.encode("a red circle")
+    _Scripted.A, _Scripted.BOI, _Scripted.EOI = prompt[-1], objective.boi, objective.eoi
+    _Scripted.LIMIT = len(prompt) + 1 + 2 * P + 4  # the second EOI: from there on the network writes alone
+    model = randomize_zero_inits(objective.make_model(nnx.Rngs(2)))
+    model.__class__ = _Scripted
+    rng = jax.random.key(4)
+    (seq,) = objective.generate_ids(model, ["a red circle"], rng, max_text=5, max_images=2)
+    kinds = [kind for kind, _ in seq.parts]
+    assert kinds == ["text", "image", "text", "image", "text"]
+    first, second, tail = seq.texts()
+    assert first == [] and second == [_Scripted.A] and len(tail) >= 1
+    # The whole sequence, uncached, with both images clean (t = 0).
+    bos, boi, eoi = objective.tok.bos_id, objective.boi, objective.eoi
+    seq_ids = [bos] + prompt + [boi] + [0] * P + [eoi, _Scripted.A, boi] + [0] * P + [eoi] + tail
+    starts = [len(prompt) + 2, len(prompt) + P + 5]
+    n = len(seq_ids)
+    span = np.zeros((1, n), np.int32)
+    for j, st in enumerate(starts):
+        span[0, st:st + P] = j + 1
+    tokens = jnp.asarray([seq_ids], jnp.int32)
+    meta = Meta(np.ones((1, n), np.int32), span, np.arange(n, dtype=np.int32)[None])
+    images = jnp.stack([jnp.asarray(x) for x in seq.images])[None]
+    logits, _, _ = model(tokens, meta, images, jnp.zeros((1, 2), jnp.int32), jnp.asarray([starts]),
+                         jnp.ones((1, 2), bool))
+    logits = logits + _script(tokens, meta.position, logits.shape[-1])
+    after = n - len(tail)
+    greedy = np.asarray(jnp.argmax(logits[0, after - 1:n - 1], -1))
+    np.testing.assert_array_equal(greedy, tail)
+    # The second image: the sampler over [BOS prompt BOI image EOI A BOI] built by an uncached forward.
+    prefix = seq_ids[:starts[1]]
+    cache = model.decoder.init_cache(1, len(prefix))
+    m = len(prefix)
+    _, _, cache = model(jnp.asarray([prefix], jnp.int32), Meta(np.ones((1, m), np.int32), span[:, :m],
+                                                               np.arange(m, dtype=np.int32)[None]),
+                        images[:, :1], jnp.zeros((1, 1), jnp.int32), jnp.asarray([starts[:1]]), jnp.ones((1, 1), bool),
+                        cache, update_cache=True)
+    uncond = model.decoder.init_cache(1, len(prefix))
+    _, uncond = model.text(jnp.asarray([[bos, boi]]), Meta(np.ones((1, 2), np.int32), np.zeros((1, 2), np.int32),
+                                                           np.arange(2, dtype=np.int32)[None]), uncond)
+    r_image = jax.random.split(jax.random.split(rng, 3)[0], 3)[2]  # the second round's image key
+    x = tf._guided_images(model, cache.stack_rows(uncond), jnp.array([starts[1], 2]),
+                          jnp.array([[_Scripted.A], [-1]]), r_image, objective._draw())
+    np.testing.assert_allclose(x[0], seq.images[1], atol=1e-4)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -278,12 +397,12 @@ def test_bad_image_settings_fail_before_anything_is_built(tiny_config, override,
 
 def test_caption_cond_sees_caption_first_captions_only(request, examples):
     objective, model = _variant(request, "caption_cond")
-    first = objective.encode(examples[:1], np.random.default_rng(1), caption_first=True)
+    first = _row(objective, examples[0])
     text = objective.tok.encode(examples[0]["caption"])
     np.testing.assert_array_equal(first["caption_ids"][0, :len(text)], text)
     assert (first["caption_ids"][0, len(text):] == -1).all()
     # An image-first caption follows its image: conditioning on it would leak it to the LM.
-    second = objective.encode(examples[:1], np.random.default_rng(1), caption_first=False)
+    second = _row(objective, examples[0], "image_first")
     assert (second["caption_ids"] == -1).all()
     feats = model.caption_features(objective._captions([text, [], objective.tok.encode("a blue square")]))
     assert float(jnp.abs(feats[0]).mean()) > 1e-3 and not np.allclose(feats[0], feats[2])

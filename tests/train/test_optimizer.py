@@ -59,3 +59,35 @@ def test_trainer_evaluates_checkpoints_and_resumes_with_the_ema(tiny_config, dev
     # Resuming picks the EMA up from the checkpoint and keeps averaging.
     cfg.train.steps = 8
     assert Trainer(cfg, tmp_path, devices=devices[:1]).train()["step"] == 8
+
+
+def test_weight_decay_touches_kernels_only_even_in_a_scanned_decoder():
+    """Scanned layers stack norm scales into (layers, d) arrays: decay is decided by
+    parameter kind, so norm scales, QK-norm scales, biases and the embedding table keep
+    their values under zero gradients while every kernel decays."""
+    from flax import nnx
+
+    from unimm.nn.layers import Embed
+    from unimm.nn.transformer import Decoder, DecoderConfig
+
+    cfg = DecoderConfig(num_layers=2, d_model=16, num_heads=2, num_kv_heads=2, head_dim=8, mlp_dim=32, qk_norm=True)
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.embed = Embed(50, 16, rngs=nnx.Rngs(0))
+            self.decoder = Decoder(cfg, rngs=nnx.Rngs(1))
+
+    params = nnx.to_pure_dict(nnx.state(Tiny(), nnx.Param))
+    assert params["decoder"]["blocks"]["attn_norm"]["scale"].ndim == 2  # stacked: the rank says nothing
+    o = ml_collections.ConfigDict(dict(learning_rate=0.1, warmup_steps=0, schedule="constant", final_lr_fraction=1.0,
+                                       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.5, grad_clip=0.0, freeze=(),
+                                       ema_decay=0.0))
+    tx = optim_lib.make(o, 10, params)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    moved = {optim_lib.path_name(p): bool(jnp.any(u != 0)) for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+    assert all(v for k, v in moved.items() if k.endswith("kernel")), moved
+    still = [k for k, v in moved.items() if not k.endswith("kernel")]
+    assert set(still) >= {"embed/embedding", "decoder/blocks/attn_norm/scale", "decoder/blocks/mlp_norm/scale",
+                          "decoder/blocks/attn/q_norm/scale", "decoder/blocks/attn/k_norm/scale",
+                          "decoder/final_norm/scale"}
+    assert not any(moved[k] for k in still)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
 from unimm.data import spec as spec_lib
+from unimm.nn.transformer import DecoderConfig
 
 # Logical axis -> mesh axes (see unimm/nn/axes.py). Parameters shard their
 # embed dim over fsdp and their heads/mlp/vocab dims over tensor; activations
@@ -33,6 +36,22 @@ DEFAULT_RULES = (
     ("codes", None),
     ("code_dim", None),
 )
+
+
+def model_section(**overrides) -> ml_collections.ConfigDict:
+    """config.model: the decoder's settings, defaults from DecoderConfig (cond_dim is the recipe's to set)."""
+    fields = {k: v for k, v in dataclasses.asdict(DecoderConfig()).items() if k != "cond_dim"}
+    return ml_collections.ConfigDict(dict(fields, **overrides))
+
+
+def nested_run(run_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config of a run whose model this one loads a part of (an autoencoder, an
+    image tokenizer): workdir '' means <this run's workdir>/<part>, trained there
+    first if it has no checkpoint; or loader='package.module:function' returns the
+    part's parameters (e.g. converted released weights) instead of a unimm run."""
+    run_config.workdir = ""
+    run_config.loader = ""
+    return run_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -93,6 +112,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.mesh.rules = DEFAULT_RULES
+    return c
+
+
+def image_run_config(objective: str, resolution: int = 32) -> ml_collections.ConfigDict:
+    """The base of runs that train on images alone (autoencoders, image tokenizers):
+    batch 32, AdamW at 1e-3 (b2 0.99, no weight decay), 64 evaluation images."""
+    c = base_config()
+    c.objective = objective
+    c.image = ml_collections.ConfigDict(dict(resolution=resolution))
+    c.data.batch_size = 32
+    c.optim.update(learning_rate=1e-3, warmup_steps=50, weight_decay=0.0, b2=0.99)
+    c.eval.update(num_understanding=64)
     return c
 
 

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import ml_collections
 
-from unimm.configs.common import base_config
+from unimm.configs.common import image_run_config
+from unimm.objectives import settings
+from unimm.objectives.kl_vae import AutoencoderSettings
+
+
+def autoencoder_section(**overrides) -> ml_collections.ConfigDict:
+    """config.autoencoder: defaults from AutoencoderSettings, then `overrides`."""
+    section = settings.defaults(AutoencoderSettings, exclude=("resolution",))
+    section.update(overrides)
+    return section
 
 
 def tiny_config() -> ml_collections.ConfigDict:
     """32 px scenes -> 8x8x4 latents (4x down); trains in a few minutes on a CPU."""
-    c = base_config()
-    c.objective = "kl_vae"
-    c.image = ml_collections.ConfigDict(dict(resolution=32))
-    c.autoencoder = ml_collections.ConfigDict(dict(channels=(32, 64, 128), latent_channels=4, blocks=1,
-                                                   kl_weight=1e-6))
-    c.data.batch_size = 32
-    c.optim.update(learning_rate=1e-3, warmup_steps=50, weight_decay=0.0, b2=0.99)
+    c = image_run_config("kl_vae")
+    c.autoencoder = autoencoder_section(channels=(32, 64, 128))
     c.train.update(steps=1000, log_every=50, checkpoint_every=500)
-    c.eval.update(num_understanding=64)
     return c
 
 

@@ -5,13 +5,10 @@ from __future__ import annotations
 import ml_collections
 
 from unimm.configs import kl_vae
-from unimm.configs.common import base_config, only_categories
+from unimm.configs.common import base_config, model_section, nested_run, only_categories
+from unimm.objectives import settings
+from unimm.objectives.transfusion import Settings
 
-
-def with_workdir(autoencoder_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A nested autoencoder run config; workdir '' means <this run's workdir>/autoencoder."""
-    autoencoder_config.workdir = ""
-    return autoencoder_config
 
 # Transfusion Table 1 (layers, width, heads); Llama-2-style SwiGLU widths.
 SIZES = {
@@ -38,13 +35,13 @@ def tiny_config() -> ml_collections.ConfigDict:
     caption-first pairs only (`caption_first_ratio=1.0`: image-first examples
     cost colour accuracy, so this model does not learn to caption; set 0.8, the
     paper's ratio, for a model that does); one-object captions only
-    (`data.weights`); CFG 5; batch 16."""
+    (`data.weights`) and no text-only documents (`text_ratio=0`); CFG 5; batch 16."""
     c = recipe_sections(base_config())
     c.model.update(num_layers=1, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768)
     c.image.update(resolution=32, patch_size=4, io="unet", unet_channels=(32, 64, 128), unet_skips=True,
                    unet_token_skip=True)
-    c.transfusion.update(max_text_len=16, prediction="v", caption_cond=True, caption_first_ratio=1.0)
-    c.sampling.update(sample_steps=25, cfg_scale=5.0)
+    c.transfusion.update(max_text_len=16, prediction="v", caption_cond=True, caption_first_ratio=1.0, text_ratio=0.0)
+    c.sampling.update(sample_steps=25, cfg_scale=5.0, timestep_spacing="linspace")
     c.data.batch_size = 16
     c.data.weights = only_categories(c.data)
     c.optim.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0)
@@ -54,28 +51,19 @@ def tiny_config() -> ml_collections.ConfigDict:
 
 
 def recipe_sections(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The Transfusion sections with the paper's defaults (owned by objectives.transfusion.Settings);
+    image.autoencoder is the KL-VAE run a latent-space model loads (--config.image.latent=kl_vae)."""
     c.objective = "transfusion"
-    c.model = ml_collections.ConfigDict(dict(
-        num_layers=2, d_model=64, num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=192, qk_norm=False,
-        rope_theta=10000.0, norm_eps=1e-6, dtype="float32", param_dtype="float32", attention="xla",
-        remat="none"))
-    c.image = ml_collections.ConfigDict(dict(
-        resolution=32, channels=3, patch_size=4, io="linear", unet_channels=(32, 64, 128), unet_blocks=1,
-        unet_skips=False, unet_skip_max_t=0, unet_token_skip=False, unet_mid_blocks=0, unet_global_cond=False, pos_embedding="normal", rope="1d", timestep_cond="add", refine_channels=0, refine_blocks=0, latent="pixels", latent_scale=0.0))
-    c.transfusion = ml_collections.ConfigDict(dict(
-        diffusion_weight=5.0, prediction="eps", loss_weighting="none", min_snr_gamma=5.0, num_timesteps=1000, schedule="cosine",
-        timestep_sampling="uniform", timestep_mean=0.0, timestep_std=1.0,
-        caption_first_ratio=0.8, noise_cap=500,
-        noise_cap_prob=0.8, cond_dropout=0.1, caption_cond=False, caption_embedding="shared", self_cond=False, max_text_len=24, pairs_per_sequence=1, z_loss=0.0))
-    c.sampling = ml_collections.ConfigDict(dict(
-        sampler="ddim", sample_steps=50, cfg_scale=3.0, ddim_eta=0.0, clip_x0=True, max_new_tokens=24,
-        temperature=0.0))
+    c.model = model_section()
+    c.update(settings.sections(Settings))
+    c.image.autoencoder = nested_run(kl_vae.tiny_config())
     return c
 
 
 def paper_config(size: str) -> ml_collections.ConfigDict:
     """A paper-sized model: Llama-2 tokenizer (32k), 256 px images as 32x32x8
-    KL-VAE latents, patch 2 (256 patches), U-Net down/up blocks, lambda 5.
+    KL-VAE latents, patch 2 (256 patches), U-Net down/up blocks, lambda 5, half
+    text-only documents, rows of 4,096 packed tokens.
 
     Training needs --config.tokenizer.path (a Llama-2 SentencePiece model) and
     the KL-VAE: --config.image.autoencoder.workdir=<a kl_vae run with this
@@ -91,9 +79,13 @@ def paper_config(size: str) -> ml_collections.ConfigDict:
     # 256 px pixels -> frozen KL-VAE (configs: unimm/configs/kl_vae.py sd_config) -> 32x32x8 latents.
     c.image.update(resolution=256, channels=3, latent="kl_vae", latent_scale=0.0, patch_size=2, io="unet",
                    unet_channels=(s["d_model"] // 4, s["d_model"] // 2))
-    c.image.autoencoder = with_workdir(kl_vae.sd_config())
-    c.transfusion.update(max_text_len=128, pairs_per_sequence=1)
-    c.sampling.update(sampler="ddpm", sample_steps=250, cfg_scale=5.0, clip_x0=False)
+    c.image.autoencoder = nested_run(kl_vae.sd_config())
+    # Half text-only documents; documents packed into 4,096-token rows (Section 4.1 of the paper).
+    c.transfusion.update(max_text_len=128, text_ratio=0.5, pack_length=4096, pack_images=16)
+    # 250 DDPM steps with DDIM's leading spacing (from t = 997: at t = 999 alpha_bar is 2.4e-9 and an
+    # eps error is multiplied 1,300-fold into the x0 estimate); each step's x0 estimate is clipped to
+    # the latents' measured range (ADM's clip_denoised, in latent space).
+    c.sampling.update(sampler="ddpm", sample_steps=250, timestep_spacing="leading", cfg_scale=5.0, clip_x0=True)
     c.data.batch_size = 256
     c.optim.update(learning_rate=3e-4, warmup_steps=4000, weight_decay=0.1, b2=0.95)
     c.train.update(steps=250_000, log_every=100, checkpoint_every=2000)

@@ -1,7 +1,8 @@
 """Training and evaluation data: grain datasets of encoded recipe streams.
 
 A recipe declares its streams (name, mixing weight, encoder, examples per
-sequence); this module draws each stream from its own seed of the scene source,
+sequence); this module draws each stream from its own seed of the data source
+(`data.source`, from the registry in unimm.data.sources),
 encodes it, mixes the streams by weight, keeps this process's share and batches
 it. The result is a checkpointable grain iterator of numpy batches.
 """
@@ -14,34 +15,11 @@ from typing import Sequence
 import grain
 import numpy as np
 
-from unimm.data.shapes import ShapesSource
+from unimm.data import sources
 
-SOURCE_KEYS = ("categories", "weights", "holdout", "backgrounds", "color_prob", "size")
-
-
-def _as_tuple(value) -> tuple:
-    """A config sequence; 'a,b' (as --config.data.categories=a,b gives it) reads as ('a', 'b')."""
-    items = [value] if isinstance(value, str) else list(value)
-    out = []
-    for item in items:
-        out += [x.strip() for x in item.split(",")] if isinstance(item, str) else [item]
-    return tuple(out)
-
-
-def make_source(data_cfg, resolution: int, split: str = "train", seed_offset: int = 0) -> ShapesSource:
-    """The scene source a config's `data` section describes."""
-    if data_cfg.source == "synthetic":
-        raise ValueError("data.source='synthetic' is random data for benchmarks (python -m unimm.bench); "
-                         "train on data.source='shapes'")
-    if data_cfg.source != "shapes":
-        raise ValueError(f"unknown data source {data_cfg.source!r}; the embedded source is 'shapes'")
-    kwargs = {k: data_cfg[k] for k in SOURCE_KEYS if k in data_cfg and data_cfg[k] is not None}
-    if not kwargs.get("size"):
-        kwargs.pop("size", None)  # 0 means unbounded
-    for k in ("categories", "weights", "backgrounds"):
-        if k in kwargs:
-            kwargs[k] = _as_tuple(kwargs[k])
-    return ShapesSource(resolution=resolution, seed=data_cfg.seed + seed_offset, split=split, **kwargs)
+def make_source(data_cfg, resolution: int, split: str = "train", seed_offset: int = 0):
+    """The source a config's `data` section describes (unimm.data.sources)."""
+    return sources.make(data_cfg, resolution, split, data_cfg.seed + seed_offset)
 
 
 def mixed_dataset(data_cfg, resolution: int, streams: Sequence, split: str = "train") -> grain.MapDataset:
@@ -57,16 +35,25 @@ def mixed_dataset(data_cfg, resolution: int, streams: Sequence, split: str = "tr
     return ds
 
 
+def pack(documents: grain.IterDataset, packing) -> grain.IterDataset:
+    """Rows of first-fit packed documents (`packing`: an objective's Packing)."""
+    rows = grain.experimental.FirstFitPackIterDataset(documents, length_struct=dict(packing.lengths),
+                                                      num_packing_bins=packing.bins, shuffle_bins=False)
+    return rows.map(packing.finish)
+
+
 def batches(data_cfg, resolution: int, streams: Sequence, global_batch: int, process_index: int = 0,
-            process_count: int = 1, split: str = "train") -> grain.IterDataset:
-    """This process's batches: global_batch / process_count examples each."""
+            process_count: int = 1, split: str = "train", packing=None) -> grain.IterDataset:
+    """This process's batches: global_batch / process_count rows each (examples,
+    or documents packed into rows when `packing` is given)."""
     if global_batch % process_count:
         raise ValueError(f"data.batch_size={global_batch} is not divisible by the {process_count} processes")
     ds = mixed_dataset(data_cfg, resolution, streams, split)[process_index::process_count]
-    ds = ds.batch(global_batch // process_count, drop_remainder=True)
     options = grain.ReadOptions(num_threads=data_cfg.get("num_threads", 2),
                                 prefetch_buffer_size=data_cfg.get("prefetch", 4))
-    return ds.to_iter_dataset(options)
+    if packing is None:
+        return ds.batch(global_batch // process_count, drop_remainder=True).to_iter_dataset(options)
+    return pack(ds.to_iter_dataset(options), packing).batch(global_batch // process_count, drop_remainder=True)
 
 
 def stack(examples: Sequence[dict]) -> dict[str, np.ndarray]:

@@ -16,11 +16,6 @@ def psnr(x, y):
     return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
 
 
-def to_uint8(x) -> np.ndarray:
-    """Images in [-1, 1] -> uint8."""
-    return np.asarray(jnp.round((jnp.clip(x, -1.0, 1.0) + 1.0) * 127.5)).astype(np.uint8)
-
-
 def save_grid(path: pathlib.Path, originals: np.ndarray, reconstructions: np.ndarray, n: int = 8) -> None:
     """Originals above their reconstructions (uint8 images), `n` of each."""
     n = min(n, len(originals))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from unimm.nn import axes as ax
-from unimm.nn.layers import Linear, RMSNorm
+from unimm.nn.layers import LayerNorm, Linear, RMSNorm
 
 IMPLEMENTATIONS = ("xla", "dot_product_attention")
 
@@ -40,13 +40,18 @@ def attention_mask(q_segment, q_span, q_position, kv_segment, kv_span, kv_positi
     return (same_doc & (causal | same_span))[:, None]
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, theta: float, rotary_dim: Optional[int] = None) -> jax.Array:
     """Rotary embedding on (B, T, H, D) by integer positions (B, T); half-split layout.
+
+    `rotary_dim` < D rotates only the first rotary_dim channels and passes the rest
+    through (Phi's partial rotary embedding).
 
     Positions (B, T, A) rotate frequency j by axis j % A: the axes interleave over
     the spectrum, so each gets high and low frequencies (a contiguous split, as in
     Qwen2-VL's M-RoPE, would leave the last axes only slow ones). Equal positions
     on every axis give exactly 1D RoPE."""
+    if rotary_dim is not None and rotary_dim < x.shape[-1]:
+        return jnp.concatenate([rope(x[..., :rotary_dim], positions, theta), x[..., rotary_dim:]], axis=-1)
     d = x.shape[-1]
     freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
     if positions.ndim == 3:
@@ -136,6 +141,15 @@ class KVCache:
     def meta(self) -> Meta:
         return Meta(self.segment, self.span, self.position)
 
+    def stack_rows(self, other: "KVCache") -> "KVCache":
+        """This cache's rows, then `other`'s (e.g. conditional then unconditional prefixes for guidance)."""
+        if self.length != other.length:
+            raise ValueError(f"caches of {self.length} and {other.length} slots cannot share a batch")
+        cat = lambda a, b, axis: jnp.concatenate([a, b], axis=axis)
+        return KVCache(cat(self.k, other.k, 1), cat(self.v, other.v, 1), cat(self.segment, other.segment, 0),
+                       cat(self.span, other.span, 0), cat(self.position, other.position, 0),
+                       cat(self.end, other.end, 0))
+
     def append_meta(self, meta: Meta) -> tuple["KVCache", jax.Array]:
         """Record the metadata of T new tokens; returns (cache, their slots (B, T)).
 
@@ -164,18 +178,23 @@ def write_kv(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
 class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, head_dim: int, *, rngs: nnx.Rngs,
                  qk_norm: bool = False, rope_theta: float = 10000.0, impl: str = "xla",
-                 dtype=jnp.float32, param_dtype=jnp.float32, norm_eps: float = 1e-6, out_init_scale: float = 1.0):
+                 dtype=jnp.float32, param_dtype=jnp.float32, norm_eps: float = 1e-6, out_init_scale: float = 1.0,
+                 use_bias: bool = False, rotary_dim: Optional[int] = None, norm: str = "rms"):
+        """`use_bias`: biases on the q/k/v/o projections (Phi); `rotary_dim`: channels of
+        each head that RoPE rotates (None: all); `norm`: the QK-norm's kind, 'rms' or
+        'layer' (LayerNorm with bias, Phi's qk_layernorm)."""
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         if impl not in IMPLEMENTATIONS:
             raise ValueError(f"unknown attention implementation {impl!r}; choose from {IMPLEMENTATIONS}")
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias)
         self.q = Linear(dim, (num_heads, head_dim), ("embed", "heads", "head_dim"), **kw)
         self.kv = Linear(dim, (2, num_kv_heads, head_dim), ("embed", None, "kv_heads", "head_dim"), **kw)
         self.o = Linear((num_heads, head_dim), dim, ("heads", "head_dim", "embed"), init_scale=out_init_scale, **kw)
-        self.q_norm = RMSNorm(head_dim, eps=norm_eps, param_dtype=param_dtype) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, eps=norm_eps, param_dtype=param_dtype) if qk_norm else None
-        self.rope_theta, self.impl = rope_theta, impl
+        norm_cls = {"rms": RMSNorm, "layer": LayerNorm}[norm]
+        self.q_norm = norm_cls(head_dim, eps=norm_eps, param_dtype=param_dtype) if qk_norm else None
+        self.k_norm = norm_cls(head_dim, eps=norm_eps, param_dtype=param_dtype) if qk_norm else None
+        self.rope_theta, self.impl, self.rotary_dim = rope_theta, impl, rotary_dim
 
     def __call__(self, x: jax.Array, meta: Meta, kv: Optional[tuple] = None,
                  kv_meta: Optional[Meta] = None, slots: Optional[jax.Array] = None):
@@ -196,7 +215,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         rp = meta.position if meta.rope is None else meta.rope
-        q, k = rope(q, rp, self.rope_theta), rope(k, rp, self.rope_theta)
+        q, k = rope(q, rp, self.rope_theta, self.rotary_dim), rope(k, rp, self.rope_theta, self.rotary_dim)
         k = ax.constrain(k, ("batch", "length", "act_kv_heads", None))
         new_kv = None
         if kv is None:

@@ -1,4 +1,5 @@
-"""Gaussian diffusion math: cosine schedule, forward noising, DDPM/DDIM steps, CFG.
+"""Gaussian diffusion math: noise schedules, forward noising, the DDPM/DDIM step,
+prediction targets and loss weights (the sampler loop is `unimm.nn.sampling`).
 
 Timesteps are integers 0..T-1 (0 = least noise); `alphas_cumprod[t]` is the
 signal fraction at t. Samplers walk a descending subsequence of timesteps; the
@@ -12,9 +13,6 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-SAMPLERS = ("ddpm", "ddim")
-
 
 def cosine_alphas_cumprod(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
     """Nichol & Dhariwal's cosine schedule, with betas capped at `max_beta`."""
@@ -47,11 +45,28 @@ def q_sample(x0: jax.Array, t: jax.Array, noise: jax.Array, acp: jax.Array) -> j
     return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
 
 
-def sampling_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
-    """`steps` descending timesteps from T-1 to 0, evenly spaced."""
+SPACINGS = ("linspace", "leading")
+
+
+def sampling_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> np.ndarray:
+    """`steps` descending timesteps a sampler visits.
+
+    'linspace': evenly spaced from T-1 to 0 (iDDPM's respacing). It starts at
+    the last timestep, where the cosine schedule's alpha_bar is about 2.4e-9: an
+    eps-predicting model's error there is multiplied by sqrt((1 - a) / a) into
+    its x0 estimate, so it suits v- or x0-prediction (or x0 clipping to a
+    known range). 'leading': 0, T/S, ..., (S-1) T/S, plus 1 (DDIM's spacing, as
+    Stable Diffusion samples): the first step starts where the signal is
+    resolvable (t = 997 of 1000 at 250 steps, 961 at 25)."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"sampling steps must be in 1..{num_timesteps}, got {steps}")
-    return np.unique(np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int32))[::-1].copy()
+    if spacing == "linspace":
+        return np.unique(np.round(np.linspace(0, num_timesteps - 1, steps)).astype(np.int32))[::-1].copy()
+    if spacing == "leading":
+        stride = num_timesteps // steps
+        offset = min(1, num_timesteps - 1 - (steps - 1) * stride)
+        return (np.arange(steps - 1, -1, -1) * stride + offset).astype(np.int32)
+    raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {SPACINGS}")
 
 
 def x0_from_eps(x_t: jax.Array, eps: jax.Array, acp_t: jax.Array, clip: float | None = None) -> jax.Array:
@@ -76,17 +91,6 @@ def step(x_t: jax.Array, eps: jax.Array, a_t: jax.Array, a_prev: jax.Array, eta:
     var = eta**2 * (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
     direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - var, 0.0)) * eps
     return jnp.sqrt(a_prev) * x0 + direction + jnp.sqrt(var) * noise
-
-
-def eta_for(sampler: str, ddim_eta: float = 0.0) -> float:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
-    return 1.0 if sampler == "ddpm" else ddim_eta
-
-
-def guide(cond: jax.Array, uncond: jax.Array, scale: float) -> jax.Array:
-    """Classifier-free guidance: uncond + scale * (cond - uncond); scale 1 is cond."""
-    return uncond + scale * (cond - uncond)
 
 
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")

@@ -7,10 +7,11 @@ not recomputation from rematerialisation, as in PaLM's MFU.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
+from flax import nnx
 
 from unimm.nn.transformer import DecoderConfig
 
@@ -68,3 +69,21 @@ def xla_flops(fn, *abstract_args) -> float:
 
 
 TRAIN_MULTIPLIER = 3.0  # backward is twice the forward
+
+
+def lm_forward_flops(cfg: DecoderConfig, segment, span, vocab_size: int) -> float:
+    """Forward FLOPs of a decoder with an output head over a batch's token
+    metadata: every non-padding token through the stack and the head, attention
+    over the pairs the mask allows."""
+    tokens = int((np.asarray(segment) != 0).sum())
+    return decoder_forward_flops(cfg, tokens, attention_pairs(segment, span)) + dense_flops(tokens, cfg.d_model,
+                                                                                          vocab_size)
+
+
+def module_flops(make_model: Callable, pick: Callable, call: Callable, *abstract_inputs) -> float:
+    """XLA's FLOP count of `call(pick(model), *inputs)` for one abstract model
+    from `make_model()` (never initialised): e.g. one image through a recipe's
+    image encoder."""
+    model = nnx.eval_shape(make_model)
+    graphdef, state = nnx.split(pick(model))
+    return xla_flops(lambda st, *xs: call(nnx.merge(graphdef, st), *xs), state, *abstract_inputs)

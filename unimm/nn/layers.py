@@ -1,4 +1,5 @@
-"""Basic layers with logical axis names: Linear, RMSNorm, Embed, SwiGLU MLP.
+"""Basic layers with logical axis names: Linear, RMSNorm, LayerNorm, Embed, SwiGLU
+and GELU MLPs.
 
 Parameters are stored in `param_dtype` (float32 by default); matmuls run in
 `dtype` (float32 or bfloat16); normalisation statistics are always float32.
@@ -66,6 +67,23 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """LayerNorm with a learned scale and bias (Phi's and GPT-2's norm)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, axis_name: str = "norm", param_dtype=jnp.float32,
+                 rngs: Optional[nnx.Rngs] = None):
+        del rngs  # no random init; accepted for a uniform constructor signature
+        self.scale = ax.param(jax.nn.initializers.ones, jax.random.key(0), (dim,), (axis_name,), param_dtype)
+        self.bias = ax.param(jax.nn.initializers.zeros, jax.random.key(0), (dim,), (axis_name,), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
 class Embed(nnx.Module):
     """Token embedding table (vocab, embed); `attend` gives logits against it (tied output)."""
 
@@ -95,3 +113,17 @@ class SwiGLU(nnx.Module):
         h = ax.constrain(h, ("batch", "length", None, "act_mlp"))
         h = jax.nn.silu(h[..., 0, :]) * h[..., 1, :]
         return self.wo(h)
+
+
+class GeluMLP(nnx.Module):
+    """Phi's and GPT-2's feed-forward: fc2(gelu(fc1(x))), with biases (tanh-approximated GELU)."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 out_init_scale: float = 1.0):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=True)
+        self.fc1 = Linear(dim, hidden, ("embed", "mlp"), **kw)
+        self.fc2 = Linear(hidden, dim, ("mlp", "embed"), init_scale=out_init_scale, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = ax.constrain(self.fc1(x), ("batch", "length", "act_mlp"))
+        return self.fc2(jax.nn.gelu(h, approximate=True))

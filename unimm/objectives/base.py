@@ -27,16 +27,47 @@ class ArraySpec:
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-    """A part of the model that comes from another run (e.g. a frozen image tokenizer).
+    """A part of the model that comes from elsewhere (e.g. a frozen image tokenizer).
 
-    key: the top-level parameter key it fills. workdir: that run's directory.
-    config: the run config that trains it; the trainer trains it there first
-    if the workdir has no checkpoint (None: it must already exist).
+    key: the top-level parameter key it fills. workdir: the unimm run whose
+    latest checkpoint holds it. config: that run's config; the trainer trains it
+    there first if the workdir has no checkpoint (None: it must already exist).
+    loader: instead of a unimm run, a callable `loader(abstract_params) ->
+    params` (a pytree of arrays with the abstract tree's structure, shapes and
+    dtypes; e.g. converted released weights). Its config section names it as
+    `loader = "package.module:function"`.
     """
 
     key: str
     workdir: str
     config: Any = None
+    loader: Optional[Callable[[Any], Any]] = None
+
+
+def resolve_loader(spec: str) -> Callable:
+    """The callable a 'package.module:function' string names."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"loader {spec!r}: expected 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"loader {spec!r} cannot be imported: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"loader {spec!r} is not callable")
+    return fn
+
+
+def pretrained_part(key: str, section, workdir) -> Pretrained:
+    """The Pretrained a nested run-config section describes: its `loader` if set,
+    else its run's `workdir` (default <this run's workdir>/<key>)."""
+    import pathlib
+
+    loader = section.get("loader") or None
+    return Pretrained(key, section.get("workdir") or str(pathlib.Path(workdir) / key), section,
+                      resolve_loader(loader) if loader else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +82,23 @@ class Stream:
     weight: float
     encode: Callable[[list[dict], np.random.Generator], dict[str, np.ndarray]]
     group: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """How a recipe packs its documents into rows (grain's first-fit packing).
+
+    With packing, a stream's `encode` returns one document of variable length
+    (every array's leading axis is its length: tokens, or images). `lengths`
+    gives each array's length in a row; grain packs documents until one does
+    not fit and adds `<name>_segment_ids` (1, 2, ... per document, 0 for
+    padding) and `<name>_positions`; `finish(row)` turns that into the
+    recipe's `example_spec` layout.
+    """
+
+    lengths: dict
+    finish: Callable[[dict], dict]
+    bins: int = 4
 
 
 class Objective:
@@ -95,6 +143,10 @@ class Objective:
 
     def example_spec(self) -> dict[str, ArraySpec]:
         raise NotImplementedError
+
+    def packing(self) -> Optional[Packing]:
+        """None: each stream example is one row. Else: documents packed into rows."""
+        return None
 
     def synthetic_batch(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
         """A batch of the recipe's layout with random contents and no padding (benchmarks)."""
@@ -144,3 +196,44 @@ class Objective:
                          rng: jax.Array) -> Optional[list[str]]:
         """An answer per (image, question), or None if the recipe does not do VQA."""
         return None
+
+
+class SequenceObjective(Objective):
+    """Shared plumbing of recipes whose batches are token sequences through a
+    decoder with an output head (`self.dcfg`, `self.vocab_size`): token counts,
+    FLOPs, checked text encoding. Subclasses say how many images a batch holds
+    and what one image costs outside the decoder."""
+
+    max_text_setting = ""  # the config key that bounds text length, for error messages
+
+    def images_in(self, batch) -> int:
+        """Images in a batch (each runs the image path once)."""
+        return 0
+
+    def image_flops(self) -> tuple[float, float]:
+        """Forward FLOPs of one image outside the decoder: (trained layers, frozen encoders)."""
+        return 0.0, 0.0
+
+    @property
+    def compute_dtype(self):
+        return self.dcfg.compute_dtype
+
+    def tokens_per_batch(self, batch) -> int:
+        return int((np.asarray(batch["segment"]) != 0).sum())
+
+    def flops_per_batch(self, batch) -> float:
+        from unimm.nn import flops as flops_lib
+
+        trained, frozen = self.image_flops()
+        n = self.images_in(batch)
+        fwd = flops_lib.lm_forward_flops(self.dcfg, batch["segment"], batch["span"], self.vocab_size) + n * trained
+        return flops_lib.TRAIN_MULTIPLIER * fwd + n * frozen  # frozen encoders run forward only
+
+    def text_ids(self, text: str, limit: Optional[int] = None) -> list[int]:
+        """Token ids of `text`, at most `limit` (default: the recipe's max_text_len) of them."""
+        ids = self.tok.encode(text)
+        limit = self.s.max_text_len if limit is None else limit
+        if len(ids) > limit:
+            raise ValueError(f"text of {len(ids)} tokens is longer than {self.max_text_setting}={limit}: "
+                             f"{text!r}; raise the limit or shorten the text")
+        return ids

@@ -13,22 +13,48 @@ import numpy as np
 from flax import nnx
 
 from unimm.data.pipeline import EvalSet
-from unimm.eval.reconstruction import save_grid, to_uint8
+from unimm.eval.reconstruction import psnr, save_grid
+from unimm.nn import pixels
 from unimm.nn import flops as flops_lib
 from unimm.objectives.base import ArraySpec, Objective, Stream
 
 
+@functools.partial(jax.jit, static_argnames=("objective", "graphdef"))
+def _reconstruct(params, images, *, objective, graphdef):
+    x = pixels.to_signed(images)
+    rec, latent = objective.reconstruct(nnx.merge(graphdef, params), x)
+    rec = jnp.clip(rec, -1.0, 1.0)
+    return rec, latent, psnr(rec, x)
+
+
 class ImagesOnlyObjective(Objective):
     """Subclasses set `self.s` (with a `resolution`) and define `make_model`, `loss`,
-    `forward(model, x)` (the reconstruction of images in [-1, 1], for the FLOP count),
-    `evaluate` and `format_eval`/`flatten_eval`."""
+    `reconstruct(model, x)` (images in [-1, 1] -> (their reconstruction, the latent
+    or codes they pass through)), `latent_stats(latent)` (what an evaluation
+    reports of those) and `format_eval`/`flatten_eval`."""
 
     @property
     def resolution(self) -> int:
         return self.s.resolution
 
-    def forward(self, model, x: jax.Array) -> jax.Array:
+    def reconstruct(self, model, x: jax.Array):
         raise NotImplementedError
+
+    def latent_stats(self, latent: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def forward(self, model, x: jax.Array) -> jax.Array:
+        return self.reconstruct(model, x)[0]
+
+    def evaluate(self, model, step, rng, workdir=None) -> dict:
+        """Reconstruction PSNR of the evaluation images and the latent statistics; a grid of reconstructions."""
+        images = self.eval_images()
+        graphdef, params = nnx.split(model)
+        rec, latent, p = _reconstruct(params, images, objective=self, graphdef=graphdef)
+        record = {"step": step, "psnr": float(jnp.mean(p)), **self.latent_stats(np.asarray(latent)),
+                  "n": len(images)}
+        self.write_eval(workdir, step, record, images, rec)
+        return record
 
     def example_spec(self):
         r = self.resolution
@@ -67,4 +93,4 @@ class ImagesOnlyObjective(Objective):
 
         workdir = pathlib.Path(workdir)
         write_record(workdir, step, record)
-        save_grid(workdir / "samples" / f"step_{step:06d}.png", images, to_uint8(reconstructions))
+        save_grid(workdir / "samples" / f"step_{step:06d}.png", images, np.asarray(pixels.to_uint8(reconstructions)))

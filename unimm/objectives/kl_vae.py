@@ -4,20 +4,21 @@
 
 Loss = L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)) (no adversarial or
 perceptual terms: both need pretrained networks we do not have offline).
-Evaluation reports reconstruction PSNR and the latent standard deviation,
-whose inverse is the `latent_scale` a diffusion recipe should use.
+Evaluation reports reconstruction PSNR, the latent standard deviation, whose
+inverse is the `latent_scale` a diffusion recipe should use, and the largest
+|latent| (`latent_max`), the range a sampler clips its clean-latent estimates to.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from unimm.eval.reconstruction import psnr
+from unimm.nn import pixels
 from unimm.nn.autoencoder import KLAutoencoder
 from unimm.objectives.images_only import ImagesOnlyObjective
 
@@ -52,15 +53,6 @@ class AutoencoderSettings:
                              blocks=self.blocks, dtype=dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _reconstruct(graphdef, params, images):
-    model = nnx.merge(graphdef, params)
-    x = images.astype(jnp.float32) / 127.5 - 1.0
-    z, _, _ = model.encode(x)
-    rec = jnp.clip(model.decode(z), -1.0, 1.0)
-    return rec, z, psnr(rec, x)
-
-
 class KLVAE(ImagesOnlyObjective):
     name = "kl_vae"
 
@@ -71,28 +63,26 @@ class KLVAE(ImagesOnlyObjective):
     def make_model(self, rngs: nnx.Rngs) -> KLAutoencoder:
         return self.s.make(rngs)
 
-    def forward(self, model, x):
-        return model.decode(model.encode(x)[0])
+    def reconstruct(self, model, x):
+        z = model.encode(x)[0]
+        return model.decode(z), z
 
     def loss(self, model, batch, rng):
-        x = batch["images"].astype(jnp.float32) / 127.5 - 1.0
+        x = pixels.to_signed(batch["images"])
         z, _, kl = model.encode(x, rng)
         rec = model.decode(z)
         l1 = jnp.mean(jnp.abs(rec - x))
         loss = l1 + self.s.kl_weight * jnp.mean(kl)
         return loss, {"l1": l1, "kl": jnp.mean(kl), "psnr": jnp.mean(psnr(jnp.clip(rec, -1, 1), x))}
 
-    def evaluate(self, model, step, rng, workdir=None) -> dict:
-        images = self.eval_images()
-        rec, z, p = _reconstruct(*nnx.split(model), images)
-        record = {"step": step, "psnr": float(jnp.mean(p)), "latent_std": float(jnp.std(z)),
-                  "latent_scale": float(1.0 / jnp.maximum(jnp.std(z), 1e-6)), "n": len(images)}
-        self.write_eval(workdir, step, record, images, rec)
-        return record
+    def latent_stats(self, z):
+        std = float(np.std(z))
+        return {"latent_std": std, "latent_scale": 1.0 / max(std, 1e-6), "latent_max": float(np.abs(z).max())}
 
     def format_eval(self, record):
         return (f"reconstruction PSNR {record['psnr']:.2f} dB; latent std {record['latent_std']:.3f} "
-                f"(latent_scale {record['latent_scale']:.3f}); n={record['n']}")
+                f"(latent_scale {record['latent_scale']:.3f}, max |z| {record.get('latent_max', float('nan')):.2f}); "
+                f"n={record['n']}")
 
     def flatten_eval(self, record):
         return {k: record[k] for k in ("psnr", "latent_std")}

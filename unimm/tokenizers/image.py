@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from unimm.nn import pixels
 from unimm.nn.autoencoder import Decoder, Encoder, PatchEncoder
 from unimm.nn.quantizers import LookupFreeQuantizer, VectorQuantizer
 
@@ -106,7 +107,7 @@ class ImageTokenizer(nnx.Module):
 
     def tokenize(self, images: jax.Array) -> jax.Array:
         """uint8 images (N, H, W, 3) -> codes (N, h*w), row-major."""
-        x = images.astype(jnp.float32) / 127.5 - 1.0
+        x = pixels.to_signed(images)
         codes = self.quantizer.codes(self.encoder(x))
         return codes.reshape(codes.shape[0], -1)
 

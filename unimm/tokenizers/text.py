@@ -1,4 +1,6 @@
-"""Text tokenizers: SentencePiece models with pad=0, unk=1, bos=2, eos=3.
+"""Text tokenizers: SentencePiece models with bos and eos pieces (the shipped one:
+pad=0, unk=1, bos=2, eos=3). A model without a pad piece (Llama-2's) pads with
+its eos id: padding is masked by segment ids, never read as text.
 
 - `scenes`: a small model trained on every text of the embedded scene world,
   shipped in the package (assets/scenes.model), so nothing is downloaded. It is
@@ -34,9 +36,10 @@ class TextTokenizer:
                                         f".model file, or use config.tokenizer.kind='scenes'")
             self.sp.Load(str(path))
         self.vocab_size = self.sp.GetPieceSize()
-        self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
-        if min(self.pad_id, self.bos_id, self.eos_id) < 0:
-            raise ValueError("the SentencePiece model needs pad, bos and eos ids (train with --pad_id etc.)")
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        if min(self.bos_id, self.eos_id) < 0:
+            raise ValueError("the SentencePiece model needs bos and eos pieces (train it with --bos_id and --eos_id)")
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
 
     def encode(self, text: str) -> list[int]:
         return list(self.sp.EncodeAsIds(text))

@@ -32,6 +32,13 @@ def path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+def decay_mask(params):
+    """Weight decay applies to matmul and convolution kernels only: never to norm
+    scales, biases, embedding or position tables, whatever their rank (a scanned
+    decoder stacks its norm scales into (layers, d) arrays)."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: path_name(p).split("/")[-1] == "kernel", params)
+
+
 def frozen_labels(params, patterns: Sequence[str]):
     """'frozen' for parameters whose path matches any pattern, else 'trained'."""
     compiled = [re.compile(p) for p in patterns]
@@ -78,7 +85,6 @@ def ema_params(opt_state) -> Optional[Any]:
 
 def make(o, total_steps: int, params=None, extra_freeze: Sequence[str] = ()) -> optax.GradientTransformation:
     lr = schedule(o, total_steps)
-    decay_mask = lambda ps: jax.tree.map(lambda x: x.ndim >= 2, ps)  # no decay on norms and biases
     parts = []
     if o.grad_clip and o.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(o.grad_clip))

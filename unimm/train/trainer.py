@@ -182,7 +182,7 @@ class Trainer:
         with ax.sharding_context(self.mesh, self.rules):
             state.params = jax.jit(init, out_shardings=state.param_shardings)()
         for dep in self.dependencies() if load_pretrained else ():
-            state.params[dep.key] = self.load_subtree(dep.key, dep.workdir, state)
+            state.params[dep.key] = self.load_subtree(dep, state)
         if with_optimizer:
             state.opt_state = jax.jit(self.optimizer.init, out_shardings=state.opt_shardings)(state.params)
         return state
@@ -195,6 +195,9 @@ class Trainer:
         if self._dependencies is None:
             deps = [] if self.objective.shapes_only else self.objective.pretrained(self.workdir)
             for dep in deps:
+                if dep.loader is not None:  # weights from elsewhere: nothing to train or find here
+                    self.objective.loaded(dep)
+                    continue
                 checkpointer = ckpt_lib.Checkpointer(dep.workdir, use_async=False)
                 missing = checkpointer.latest_step() is None
                 checkpointer.close()
@@ -210,16 +213,33 @@ class Trainer:
             self._dependencies = deps
         return self._dependencies
 
-    def load_subtree(self, key: str, workdir: str, state: TrainState):
-        """params[key] from the latest checkpoint of another run (its model's root params)."""
-        checkpointer = ckpt_lib.Checkpointer(workdir, use_async=False)
+    def load_subtree(self, dep, state: TrainState):
+        """params[dep.key]: from the dependency's loader, or else the latest checkpoint
+        of its run (that run's model's root params), placed with this run's shardings."""
+        abstract, shardings = state.params[dep.key], state.param_shardings[dep.key]
+        if dep.loader is not None:
+            params = dep.loader(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract))
+            want = jax.tree_util.tree_structure(abstract)
+            if jax.tree_util.tree_structure(params) != want:
+                raise ValueError(f"the loader of '{dep.key}' returned a tree of another structure than the model's "
+                                 f"{dep.key} parameters ({len(jax.tree.leaves(params))} arrays against "
+                                 f"{want.num_leaves})")
+            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(params)):
+                if tuple(a.shape) != tuple(np.shape(b)):
+                    raise ValueError(f"the loader of '{dep.key}' gave {optim_lib.path_name(path)} shape "
+                                     f"{tuple(np.shape(b))}; the model has {tuple(a.shape)}")
+            params = jax.tree.map(lambda a, b, sh: jax.device_put(jnp.asarray(b, a.dtype), sh), abstract, params,
+                                  shardings)
+            self._log(f"loaded '{dep.key}' from its loader")
+            return params
+        checkpointer = ckpt_lib.Checkpointer(dep.workdir, use_async=False)
         try:
-            params, _, meta = checkpointer.restore(None, state.params[key], state.param_shardings[key])
+            params, _, meta = checkpointer.restore(None, abstract, shardings)
         except (FileNotFoundError, ValueError) as e:
-            raise type(e)(f"cannot load '{key}' for {self.objective.name}: {e}") from None
+            raise type(e)(f"cannot load '{dep.key}' for {self.objective.name}: {e}") from None
         finally:
             checkpointer.close()
-        self._log(f"loaded '{key}' from {workdir} (step {meta['step']})")
+        self._log(f"loaded '{dep.key}' from {dep.workdir} (step {meta['step']})")
         return params
 
     # -- step ----------------------------------------------------------------------
@@ -260,7 +280,7 @@ class Trainer:
     def data_iterator(self):
         d = self.config.data
         it = pipeline.batches(d, self.objective.resolution, self.objective.streams(), d.batch_size,
-                              jax.process_index(), jax.process_count())
+                              jax.process_index(), jax.process_count(), packing=self.objective.packing())
         return iter(it)
 
     # -- loop ----------------------------------------------------------------------
