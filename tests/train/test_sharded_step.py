@@ -93,3 +93,19 @@ def test_showo_sharded_step_equals_one_device(trained_tokenizer, devices, tmp_pa
     assert abs(loss8 - loss1) / abs(loss1) <= 1e-5
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g8)):
         assert _rel(b, a) <= 1e-5 or np.abs(np.asarray(a)).max() == 0, (jax.tree_util.keystr(path), _rel(b, a))
+
+
+def test_packed_documents_shard_like_one_device(tiny_config, devices, tmp_path_factory):
+    """Rows of packed text and caption-image documents: loss and gradients on the 2x2x2 mesh."""
+    out = []
+    for shape, devs in (((1, 1, 1), devices[:1]), ((2, 2, 2), devices)):
+        cfg = tiny_config.copy_and_resolve_references()
+        cfg.transfusion.update(text_ratio=0.4, pack_length=3 * 36, pack_images=2)
+        cfg.mesh.shape.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
+        out.append(_loss_and_grads(cfg, devs, tmp_path_factory.mktemp("packed")))
+    (tr, _, loss1, g1), (_, _, loss8, g8) = out
+    batch = next(tr.data_iterator())
+    assert (batch["segment"].max(1) > 1).any() and batch["image_valid"].shape[1] == 2  # rows hold several documents
+    assert abs(loss8 - loss1) / abs(loss1) <= 1e-5
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g8)):
+        assert _rel(b, a) <= 1e-5, (jax.tree_util.keystr(path), _rel(b, a))

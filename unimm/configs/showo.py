@@ -26,15 +26,18 @@ def tiny_config() -> ml_collections.ConfigDict:
     that tile alone), a 4-layer decoder.
 
     Generation is the demo's focus, as in the Transfusion demo: one-object captions
-    only (`data.weights`), and 90% of the rows t2i (`showo.t2i_ratio`; the paper's
-    mix would be 0.6 / 0.2 / 0.2 with loss weights 1 / 1 / 0.1, still the loss
-    weights here). Shapes keep improving with steps (docs/showo.md), so the steps
-    fill the 20-minute CPU budget; 32 unmasking steps (the paper: 16 at 256 px,
-    50 at 512 px) draw them better than 16, and MaskGIT's confidence noise 4.5
-    (the reference anneals 1.0) keeps the blank canvas from being revealed first."""
+    only (`data.weights`), and 75% of the rows t2i (`showo.t2i_ratio`; the paper's
+    mix would be 0.6 / 0.2 / 0.2; the loss weights are the paper's 1 / 1 / 0.1).
+    The 20% understanding rows mostly ask questions (`qa_prob` 0.8), most of them
+    POPE existence probes answered yes and no alike (`probe_prob` 0.8): telling
+    which objects are present takes about ten thousand probes to learn
+    (docs/showo.md). Shapes keep improving with steps, so the steps fill the
+    CPU budget; 32 unmasking steps (the paper: 16 at 256 px, 50 at 512 px) draw
+    them better than 16, and MaskGIT's confidence noise 4.5 (the reference
+    anneals 1.0) keeps the blank canvas from being revealed first."""
     c = recipe_sections(base_config())
     c.model.update(num_layers=4, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768)
-    c.showo.update(max_text_len=20, t2i_ratio=0.9, mmu_ratio=0.05, lm_ratio=0.05)
+    c.showo.update(max_text_len=20, t2i_ratio=0.75, mmu_ratio=0.2, lm_ratio=0.05, qa_prob=0.8, probe_prob=0.8)
     c.data.batch_size = 16
     c.data.weights = only_categories(c.data)
     c.optim.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.01)

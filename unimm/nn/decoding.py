@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unimm.nn import guidance
 from unimm.nn.attention import KVCache, Meta
 
 Step = Callable[..., tuple[jax.Array, KVCache]]
@@ -95,6 +96,23 @@ def decode(step: Step, model, cache: KVCache, first_logits: jax.Array, start_pos
     carry = (jnp.int32(1), cache, tok, done, out, lengths, rng)
     _, cache, _, _, out, lengths, _ = jax.lax.while_loop(cond, body, carry)
     return out, lengths, cache
+
+
+def guided(step: Step, scale: float, convention: str = "cfg") -> Step:
+    """A step for B rows that runs over a cache of 2B: the rows' conditional
+    prefixes, then their unconditional ones. Both halves read the same new tokens,
+    each at its own next position (its cache's fill: prefixes may differ in
+    length), and the logits come back guided (B, T, V), as autoregressive image
+    generation with logit guidance samples (Janus-Pro)."""
+
+    def wrapped(model, tokens, meta, cache):
+        t = tokens.shape[1]
+        seg = guidance.double(meta.segment)
+        pos = cache.end[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        logits, cache = step(model, guidance.double(tokens), Meta(seg, jnp.zeros_like(seg), pos), cache)
+        return guidance.combine(logits, scale, convention), cache
+
+    return wrapped
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "step", "cache_len"))
